@@ -1,0 +1,56 @@
+"""Spatial geometry of UNet attention layers: computed from the latent size, never guessed."""
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GeometryError
+
+Size = Tuple[int, int]
+
+
+def downsampled_hw(latent_hw: Size, level: int) -> Size:
+    """Grid (h, w) of a UNet level: halve with ceil once per level, as strided convs do."""
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def grid_for_positions(latent_hw: Size, positions: int, max_level: int = 6) -> Size:
+    """The (h, w) among the UNet levels whose h*w equals `positions`; raise when none does."""
+    tried = []
+    for level in range(max_level + 1):
+        hw = downsampled_hw(latent_hw, level)
+        if hw[0] * hw[1] == positions:
+            return hw
+        tried.append(hw)
+    raise GeometryError(
+        f"attention layer has N={positions} positions, but latent {latent_hw[0]}x{latent_hw[1]} "
+        f"gives grids {tried} (h*w = {[h * w for h, w in tried]})"
+    )
+
+
+def check_grid(hw: Size, positions: int) -> None:
+    """Raise unless the grid holds exactly `positions` cells."""
+    if hw[0] * hw[1] != positions:
+        raise GeometryError(f"grid {hw[0]}x{hw[1]} has {hw[0] * hw[1]} cells, tensor has N={positions}")
+
+
+def resize_maps(maps: torch.Tensor, src_hw: Size, dst_hw: Size) -> torch.Tensor:
+    """Resize flattened maps (..., N_src) to (..., N_dst): area when shrinking, bilinear when
+    growing, clamped to the input range so that no interpolation overshoots."""
+    check_grid(src_hw, maps.shape[-1])
+    if tuple(src_hw) == tuple(dst_hw):
+        return maps
+    lead = maps.shape[:-1]
+    grid = maps.reshape(-1, 1, src_hw[0], src_hw[1]).float()  # (L, 1, h, w), L = prod(lead)
+    if dst_hw[0] <= src_hw[0] and dst_hw[1] <= src_hw[1]:
+        out = F.interpolate(grid, size=dst_hw, mode="area")
+    else:
+        out = F.interpolate(grid, size=dst_hw, mode="bilinear", align_corners=False)
+    low = grid.amin(dim=(-2, -1), keepdim=True)
+    high = grid.amax(dim=(-2, -1), keepdim=True)
+    out = torch.maximum(torch.minimum(out, high), low)
+    return out.reshape(*lead, dst_hw[0] * dst_hw[1]).to(maps.dtype)  # (..., N_dst)
