@@ -57,7 +57,7 @@ def image_hash(img: Image.Image) -> str:
 
 def pad_to_square(img: Image.Image, color: Tuple[int, int, int] = GREY) -> Image.Image:
     """Centre the image on a square canvas of `color` (RGB); nothing is cropped."""
-    rgb = img if img.mode == "RGB" else _to_rgb(img, "image")
+    rgb = img if img.mode == "RGB" else _to_rgb(img, "image", tuple(int(c) for c in color))
     w, h = rgb.size
     side = max(w, h)
     canvas = Image.new("RGB", (side, side), tuple(int(c) for c in color))
@@ -221,8 +221,8 @@ def _normalise(img: Image.Image, what: str, max_pixels: int) -> Image.Image:
     return _to_rgb(img, what)
 
 
-def _to_rgb(img: Image.Image, what: str) -> Image.Image:
-    """Convert any PIL mode to RGB; transparency is composited over neutral grey."""
+def _to_rgb(img: Image.Image, what: str, background: Tuple[int, int, int] = GREY) -> Image.Image:
+    """Convert any PIL mode to RGB; transparency is composited over `background` (neutral grey)."""
     mode = img.mode
     if mode in _16BIT_MODES or mode == "I":
         return Image.fromarray(_int_to_uint8(img)).convert("RGB")
@@ -233,8 +233,8 @@ def _to_rgb(img: Image.Image, what: str) -> Image.Image:
             rgba = img.convert("RGBA")
         except (ValueError, OSError) as err:
             raise ImageInputError(f"{what}: cannot convert mode {mode} with transparency to RGBA ({err})") from err
-        background = Image.new("RGBA", img.size, GREY + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        canvas = Image.new("RGBA", img.size, tuple(background) + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
     try:
         return img.convert("RGB")  # RGB -> copy; L, 1, P, CMYK, YCbCr, RGBX, HSV convert natively
     except (ValueError, OSError) as err:
