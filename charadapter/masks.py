@@ -1,0 +1,91 @@
+"""Region masks from attention maps: normalise, soft (softmax) or hard (argmax), resize per layer.
+
+Maps and masks are flattened over space: (B, R, N) with N = h*w in row-major order.
+Mask tensors from `soft_masks` / `hard_masks` carry R+1 channels: the background channel is
+index 0 (``BACKGROUND``) and region r is channel r+1, so ``masks[:, 1:]`` are the region masks in
+region order. Over the channel axis they sum to 1 at every position.
+"""
+
+from typing import Dict, Iterable, Tuple
+
+import torch
+
+from .errors import GeometryError
+from .geometry import Size, check_grid, downsampled_hw, resize_maps
+
+BACKGROUND = 0
+
+
+def _check_maps(maps: torch.Tensor) -> None:
+    """Raise unless maps are (B, R, N) with R >= 1."""
+    if maps.ndim != 3 or maps.shape[1] < 1:
+        raise GeometryError(f"expected maps of shape (B, R, N) with R >= 1, got {tuple(maps.shape)}")
+
+
+def normalize_maps(maps: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Min-max normalise each map over its positions to [0, 1]; a constant map becomes all 0."""
+    maps = maps.float()
+    low = maps.amin(dim=-1, keepdim=True)
+    span = maps.amax(dim=-1, keepdim=True) - low
+    # constant map: no evidence of where the region is, so no vote above background
+    return torch.where(span > eps, (maps - low) / span.clamp_min(eps), torch.zeros_like(maps))
+
+
+def mask_logits(maps: torch.Tensor, background_logit: float) -> torch.Tensor:
+    """Logits (B, R+1, N): a constant background channel first, then the normalised maps."""
+    _check_maps(maps)
+    norm = normalize_maps(maps)
+    background = torch.full_like(norm[:, :1], float(background_logit))  # (B, 1, N)
+    return torch.cat([background, norm], dim=1)  # (B, R+1, N)
+
+
+def soft_masks(maps: torch.Tensor, temperature: float, background_logit: float) -> torch.Tensor:
+    """Soft masks (B, R+1, N): softmax over [background, regions] of normalised maps / temperature."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.softmax(mask_logits(maps, background_logit) / temperature, dim=1)
+
+
+def hard_masks(maps: torch.Tensor, background_logit: float) -> torch.Tensor:
+    """One-hot masks (B, R+1, N) of the argmax of the same logits; ties go to the lower channel."""
+    logits = mask_logits(maps, background_logit)
+    winner = logits.argmax(dim=1, keepdim=True)  # (B, 1, N)
+    return torch.zeros_like(logits).scatter_(1, winner, 1.0)
+
+
+def uniform_masks(batch: int, regions: int, positions: int) -> torch.Tensor:
+    """Even-split prior (B, R+1, N): every region 1/R everywhere, background 0."""
+    masks = torch.full((batch, regions + 1, positions), 1.0 / regions)
+    masks[:, BACKGROUND] = 0.0
+    return masks
+
+
+def resize_masks(masks: torch.Tensor, src_hw: Size, dst_hw: Size, eps: float = 1e-6) -> torch.Tensor:
+    """Resize (B, R+1, N_src) masks to dst grid and renormalise so channels still sum to 1."""
+    if masks.ndim != 3:
+        raise GeometryError(f"expected masks of shape (B, R+1, N), got {tuple(masks.shape)}")
+    out = resize_maps(masks.float(), src_hw, dst_hw).clamp(0.0, 1.0)  # (B, R+1, N_dst)
+    return out / out.sum(dim=1, keepdim=True).clamp_min(eps)
+
+
+def mask_pyramid(
+    masks: torch.Tensor, latent_hw: Size, levels: Iterable[int],
+) -> Dict[Tuple[int, int], torch.Tensor]:
+    """Region masks (B, R, N_level) for every level's grid, keyed by (h, w); background dropped."""
+    check_grid(latent_hw, masks.shape[-1])
+    pyramid = {}
+    for level in sorted(set(levels)):
+        hw = downsampled_hw(latent_hw, level)
+        pyramid[hw] = resize_masks(masks, latent_hw, hw)[:, BACKGROUND + 1:]  # (B, R, N_level)
+    return pyramid
+
+
+def merge_maps(maps: Iterable[Tuple[Size, torch.Tensor]], dst_hw: Size) -> torch.Tensor:
+    """Mean of maps (B, R, N_i) on grids hw_i after resizing each to dst_hw -> (B, R, N_dst)."""
+    resized = [resize_maps(m.float(), hw, dst_hw) for hw, m in maps]
+    if not resized:
+        raise GeometryError(f"no maps to merge onto grid {dst_hw[0]}x{dst_hw[1]}")
+    shapes = {tuple(r.shape) for r in resized}
+    if len(shapes) != 1:
+        raise GeometryError(f"maps to merge disagree in shape after resizing: {sorted(shapes)}")
+    return torch.stack(resized).mean(dim=0)  # (B, R, N_dst)
