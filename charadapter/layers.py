@@ -139,3 +139,17 @@ def check_adapter_layers(
                     f"{layer.ip_key}.{tag}.weight{where} has shape {tuple(w.shape)}, "
                     f"UNet layer {layer.name} needs {want} (inner_dim, context_dim)"
                 )
+
+
+# 32x32 and 16x16 at 512 px on SD1.5, 64x64 and 32x32 at 1024 px on SDXL: the levels whose
+# text attention localises phrases (coarser maps are near chance, finer ones are noisy).
+DEFAULT_MAP_LEVELS = (1, 2)
+
+
+def map_layers(layers: Sequence[AttnLayer], levels: Sequence[int] = DEFAULT_MAP_LEVELS) -> List[AttnLayer]:
+    """Layers whose text maps locate phrases: those at `levels`, else the finest level present."""
+    chosen = [layer for layer in layers if layer.level in levels]
+    if not chosen and layers:
+        finest = min(layer.level for layer in layers)
+        chosen = [layer for layer in layers if layer.level == finest]
+    return chosen

@@ -1,0 +1,201 @@
+"""Dynamic fusion controller and reference segmentation on a real ldm UNet (tiny, random)."""
+
+import pytest
+import torch
+
+from charadapter.fusion import COND, UNCOND, FusionConfig, FusionSession, RowPlan
+from charadapter.hooks import HookSession, RegionState, plan_region_hooks
+from charadapter.attention import ip_keys_values
+from charadapter.layers import find_attn2_layers
+from charadapter.reference import noise_latent, segment_reference
+from tiny_unet import sd15_unet
+
+CTX = 32
+LATENT = (8, 8)
+T_TEXT = 12
+GROUPS = ((2, 3), (5,), (8, 9))
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return sd15_unet(32, CTX, seed=11)
+
+
+@pytest.fixture(scope="module")
+def layers(unet):
+    return find_attn2_layers(unet)
+
+
+@pytest.fixture(scope="module")
+def adapter(layers):
+    gen = torch.Generator().manual_seed(12)
+    ip = [(torch.randn(l.inner_dim, CTX, generator=gen) / CTX ** 0.5,
+           torch.randn(l.inner_dim, CTX, generator=gen) / CTX ** 0.5) for l in layers]
+    tokens = torch.randn(3, 4, CTX, generator=gen)  # (R, T, C)
+    negative = torch.randn(4, CTX, generator=gen)  # (T, C)
+    return ip, tokens, negative
+
+
+def inputs(rows, seed=13):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(rows, 4, *LATENT, generator=gen), torch.full((rows,), 500.0),
+            torch.randn(rows, T_TEXT, CTX, generator=gen))
+
+
+def cfg_plan(images=2):
+    """Cond rows of every image first, then uncond rows, as CFGDenoiser stacks them."""
+    return RowPlan(is_cond=(True,) * images + (False,) * images,
+                   image=tuple(range(images)) * 2,
+                   token_groups=(GROUPS,) * images + (None,) * images)
+
+
+def session(unet, layers, adapter, **config):
+    ip, tokens, negative = adapter
+    regions = config.pop("regions", 3)
+    cfg = FusionConfig(weight=config.pop("weight", 0.8),
+                       region_weights=(1.0, 0.7, 1.2)[:regions], **config)
+    region_tokens = tokens[:1] if regions == 0 else tokens[:regions]
+    return FusionSession(unet, layers, ip, region_tokens, negative, cfg)
+
+
+def ours(unet):
+    return sum(1 for m in unet.modules() for d in (m._forward_hooks, m._forward_pre_hooks)
+               for fn in d.values() if getattr(fn, "_charadapter", False))
+
+
+def run_steps(unet, fusion, steps=3, total=4, split=False):
+    x, t, ctx = inputs(4)
+    outs = []
+    fusion.begin_pass(LATENT, total)
+    with torch.no_grad():
+        for step in range(steps):
+            fusion.begin_step(step, cfg_plan())
+            if split:  # batch_cond_uncond off: cond rows, then uncond rows, in two calls
+                outs.append(torch.cat([unet(x[:2], timesteps=t[:2], context=ctx[:2]),
+                                       unet(x[2:], timesteps=t[2:], context=ctx[2:])]))
+            else:
+                outs.append(unet(x, timesteps=t, context=ctx))
+    return outs
+
+
+def test_adapter_changes_output_and_leaves_nothing(unet, layers, adapter):
+    x, t, ctx = inputs(4)
+    with torch.no_grad():
+        plain = unet(x, timesteps=t, context=ctx)
+    fusion = session(unet, layers, adapter)
+    try:
+        fusion.install()
+        outs = run_steps(unet, fusion)
+    finally:
+        fusion.remove()
+    assert ours(unet) == 0
+    assert (outs[0] - plain).abs().max() > 1e-3
+    with torch.no_grad():
+        assert torch.equal(unet(x, timesteps=t, context=ctx), plain)
+
+
+def test_masks_follow_the_maps(unet, layers, adapter):
+    fusion = session(unet, layers, adapter)
+    with fusion:
+        run_steps(unet, fusion, steps=2)
+        fusion.begin_step(2, cfg_plan())  # folds step 1's maps
+        masks = fusion.masks
+    assert masks.shape == (2, 4, LATENT[0] * LATENT[1])  # (I, R+1, N)
+    assert torch.allclose(masks.sum(dim=1), torch.ones(2, 64), atol=1e-5)
+
+
+def test_hard_mode_is_one_hot(unet, layers, adapter):
+    fusion = session(unet, layers, adapter, mode="hard")
+    with fusion:
+        run_steps(unet, fusion, steps=1)
+        fusion.begin_step(1, cfg_plan())
+    assert set(fusion.masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(fusion.masks.sum(dim=1), torch.ones(2, 64))
+
+
+def test_split_calls_equal_one_call(unet, layers, adapter):
+    with session(unet, layers, adapter) as fusion:
+        joined = run_steps(unet, fusion)
+    with session(unet, layers, adapter) as fusion:
+        split = run_steps(unet, fusion, split=True)
+    for a, b in zip(joined, split):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_weight_zero_and_outside_window_are_bit_identical(unet, layers, adapter):
+    x, t, ctx = inputs(4)
+    with torch.no_grad():
+        plain = unet(x, timesteps=t, context=ctx)
+    with session(unet, layers, adapter, weight=0.0) as fusion:
+        assert all(torch.equal(o, plain) for o in run_steps(unet, fusion))
+    with session(unet, layers, adapter, start=0.5, end=1.0) as fusion:
+        outs = run_steps(unet, fusion, steps=3, total=4)  # steps 0, 1 before the window, 2 inside
+        assert fusion.masks is not None  # maps were gathered before the window opened
+    assert torch.equal(outs[0], plain) and torch.equal(outs[1], plain)
+    assert not torch.equal(outs[2], plain)
+
+
+def test_global_region_matches_region_state(unet, layers, adapter):
+    """regions=() is a plain IP-Adapter: cond rows get the tokens, uncond rows the negatives."""
+    ip, tokens, negative = adapter
+    fusion = session(unet, layers, adapter, regions=0)
+    x, t, ctx = inputs(4)
+    with fusion, torch.no_grad():
+        fusion.begin_pass(LATENT, 4)
+        fusion.begin_step(0, cfg_plan())
+        ours_out = unet(x, timesteps=t, context=ctx)
+    sets = torch.stack([tokens[:1], negative[None]], dim=1)  # (1, 2, T, C)
+    state = RegionState(kv=[ip_keys_values(sets, wk, wv) for wk, wv in ip], weights=torch.tensor([0.8]),
+                        rows=torch.tensor([COND, COND, UNCOND, UNCOND]))
+    reference = HookSession(root=unet)
+    plan_region_hooks(reference, unet, layers, state)
+    with reference, torch.no_grad():
+        expected = unet(x, timesteps=t, context=ctx)
+    assert torch.equal(ours_out, expected)
+
+
+def test_exception_mid_sampling_leaves_no_hook(unet, layers, adapter):
+    fusion = session(unet, layers, adapter)
+    with pytest.raises(RuntimeError):
+        try:
+            fusion.install()
+            fusion.begin_pass(LATENT, 4)
+            fusion.begin_step(0, cfg_plan())
+            with torch.no_grad():
+                unet(torch.randn(4, 4, *LATENT), timesteps=torch.ones(4), context=torch.randn(4, 5, CTX + 1))
+        finally:
+            fusion.remove()
+    assert ours(unet) == 0
+
+
+def test_hires_pass_resizes_layout(unet, layers, adapter):
+    fusion = session(unet, layers, adapter)
+    with fusion:
+        run_steps(unet, fusion, steps=2)
+        fusion.begin_step(2, cfg_plan())
+        fusion.begin_pass((16, 16), 2)
+        assert fusion.masks.shape == (2, 4, 256)
+        x = torch.randn(4, 4, 16, 16)
+        fusion.begin_step(0, cfg_plan())
+        with torch.no_grad():
+            out = unet(x, timesteps=torch.full((4,), 300.0), context=inputs(4)[2])
+    assert out.shape == x.shape
+
+
+def test_reference_segmentation_runs_once_and_is_deterministic(unet, layers):
+    latent = torch.randn(1, 4, *LATENT)
+    alphas = torch.linspace(0.9999, 0.005, 1000)
+    noisy = noise_latent(latent, alphas, 650)
+    assert torch.equal(noisy, noise_latent(latent, alphas, 650))
+    context = torch.randn(1, T_TEXT, CTX)
+    calls = []
+
+    def run():
+        calls.append(1)
+        return unet(noisy, timesteps=torch.tensor([650.0]), context=context)
+
+    result, maps = segment_reference(unet, layers, run, LATENT, [list(g) for g in GROUPS])
+    assert calls == [1] and ours(unet) == 0
+    assert maps.shape == (3, *LATENT) and result.masks.shape == (3, *LATENT)
+    again, maps2 = segment_reference(unet, layers, run, LATENT, [list(g) for g in GROUPS])
+    assert torch.equal(maps, maps2)
