@@ -1,0 +1,61 @@
+"""Glue between the WebUI's Script hooks and the Controller (imported only inside the WebUI)."""
+
+from typing import Any, List
+
+from modules import script_callbacks, shared
+
+from ..errors import CharacterAdapterError
+from . import models, ui
+from .runtime import Controller
+
+TITLE = "Character-Adapter"
+
+
+def resolve_model(kind: str, name: str) -> str:
+    """A listed name -> its path; never opens user text as a path."""
+    if kind == "adapter":
+        path = models.resolve_adapter(name)
+        if path is None:
+            raise CharacterAdapterError(
+                f"Character-Adapter: model: {name!r} is not an IP-Adapter in the list "
+                f"({len(models.listing().adapters)} found); put the file in models/ and press 🔄")
+        return path
+    if name.startswith("auto:"):
+        wanted = name[len("auto:"):]
+        listing = models.listing()
+        picked = models.pick_encoder(wanted, listing.encoders)
+        if picked is None:
+            raise CharacterAdapterError(
+                f"Character-Adapter: encoder: no {wanted} CLIP image encoder found; see models/README.md")
+        return listing.encoders[picked]
+    path = models.resolve_encoder(name)
+    if path is None:
+        raise CharacterAdapterError(f"Character-Adapter: encoder: {name!r} is not an image encoder in the list")
+    return path
+
+
+class ScriptHooks:
+    """Methods the Script class forwards to; holds one Controller per script instance."""
+
+    def __init__(self):
+        self.controller = Controller(resolve_model)
+        script_callbacks.on_cfg_denoiser(self.controller.on_cfg_denoiser)
+        script_callbacks.on_script_unloaded(self.controller.end)
+
+    def ui(self, script, is_img2img: bool) -> List[Any]:
+        components = ui.build_ui(is_img2img, models.listing, models.refresh)
+        script.infotext_fields = ui.infotext_fields(components)
+        script.paste_field_names = ui.paste_field_names()
+        return components
+
+    def process(self, p, *args) -> None:
+        self.controller.process(p, args)
+
+    def process_before_every_sampling(self, p, *args, **kwargs) -> None:
+        self.controller.before_sampling(p, kwargs["x"])
+
+    def postprocess(self, p, processed, *args) -> None:
+        self.controller.postprocess(p, processed)
+
+
+script_callbacks.on_ui_settings(models.add_settings)
