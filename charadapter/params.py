@@ -61,7 +61,7 @@ class Params:
             self,
             enabled=_as_bool("enabled", self.enabled),
             model=_as_name("model", self.model),
-            encoder=_as_name("encoder", self.encoder),
+            encoder=_auto_encoder(_as_name("encoder", self.encoder)),
             weight=_as_float("weight", self.weight, 0.0, 2.0),
             start=_as_float("start", self.start, 0.0, 1.0),
             end=_as_float("end", self.end, 0.0, 1.0),
@@ -278,6 +278,11 @@ def _as_name(name: str, value: Any) -> str:
     if "/" in text or "\\" in text or text.startswith(".") or "\x00" in text:
         raise ParamError(name, f"expected a model name from the list, got a path-like {text!r}")
     return text
+
+
+def _auto_encoder(name: str) -> str:
+    """The UI lists "Auto" among the encoders: it means the one the adapter needs ("")."""
+    return "" if name.lower() == "auto" else name
 
 
 def _regions_from_json(name: str, value: Any) -> Tuple[Region, ...]:

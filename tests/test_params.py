@@ -133,3 +133,8 @@ def test_regions_json_in_infotext_keeps_commas_and_quotes():
     encoded = params.to_infotext("h")["Character-Adapter regions"]
     assert json.loads(encoded) == [['a "quoted", phrase', "x", 1.0]]
     assert not math.isnan(params.weight)
+
+
+def test_auto_encoder_means_the_matching_one():
+    assert Params.from_dict(api(encoder="Auto")).encoder == ""
+    assert Params.from_dict(api(encoder="clip_h.pth")).encoder == "clip_h.pth"
