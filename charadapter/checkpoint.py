@@ -12,7 +12,6 @@ Layer i here is file key 2i+1. The variant is read from shapes, never from the f
 """
 
 import os
-import pickle
 import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Tuple, Union
@@ -21,6 +20,7 @@ import torch
 
 from .errors import CheckpointError
 from .projection import ProjectionConfig, infer_projection_config, projection_kind
+from .weightfile import read_pickle, read_safetensors
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -33,9 +33,6 @@ EMBED_ENCODERS = {1024: "ViT-H-14", 1280: "ViT-bigG-14"}
 HIDDEN_ENCODERS = {1280: "ViT-H-14", 1664: "ViT-bigG-14"}
 PROJECTION_SUFFIX = {"linear": "", "resampler": "_plus", "mlp": "_full_face"}
 _LAYER_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
-# how torch's weights-only unpickler words a refused object (torch 2.0 .. 2.x), as opposed to
-# bytes that are no pickle at all ("Unsupported operand")
-_REFUSAL = re.compile(r"GLOBAL|unsupported class|unrecognized function|can only build|is blocked", re.I)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -72,50 +69,6 @@ class IPAdapterWeights:
 # ---------------------------------------------------------------- reading files
 
 
-def _read_safetensors(path: str) -> Dict[str, Any]:
-    """Flat dict of tensors; a damaged file becomes CheckpointError."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device="cpu")
-    except Exception as e:  # safetensors raises its own SafetensorError (not importable on every version)
-        raise CheckpointError(
-            f"{path}: not a readable .safetensors file (truncated or corrupt?): {type(e).__name__}: {e}"
-        ) from e
-
-
-def _refused_global(message: str) -> str:
-    """The object torch's weights-only unpickler refused, from its error message."""
-    m = re.search(r"(?:GLOBAL|Unsupported class|unrecognized function) (\S+)", message)
-    return f"found {m.group(1)}" if m else "found a non-tensor object"
-
-
-def _last_line(message: str) -> str:
-    """The most specific line of torch's multi-line load errors."""
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip() and "documentation" not in ln]
-    return lines[-1] if lines else message
-
-
-def _read_pickle(path: str) -> Any:
-    """Unpickle tensors and plain containers only; anything else is refused."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if not _REFUSAL.search(str(e)):
-            # no plain tensor pickle (an HTML error page, a cut-off legacy file): nothing ran
-            raise CheckpointError(
-                f"{path}: not a readable PyTorch file (truncated or corrupt?): {_last_line(str(e))}"
-            ) from e
-        raise CheckpointError(
-            f"{path}: refused: the file contains pickled code/objects other than tensors, which "
-            f"could run code when loaded ({_refused_global(str(e))}). Use a .safetensors copy of the adapter."
-        ) from e
-    except Exception as e:  # zip/stream errors of a truncated or foreign file
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch file (truncated or corrupt?): {type(e).__name__}: {e}"
-        ) from e
-
-
 def read_checkpoint(path: PathLike) -> Tuple[str, Any]:
     """(source, raw content) of a weight file; a folder may hold ip_adapter.{safetensors,bin}."""
     source = os.fspath(path)
@@ -130,9 +83,9 @@ def read_checkpoint(path: PathLike) -> Tuple[str, Any]:
         raise CheckpointError(f"{source}: file not found")
     suffix = os.path.splitext(source)[1].lower()
     if suffix in SAFETENSORS_SUFFIXES:
-        return source, _read_safetensors(source)
+        return source, read_safetensors(source)
     if suffix in PICKLE_SUFFIXES:
-        return source, _read_pickle(source)
+        return source, read_pickle(source)
     raise CheckpointError(
         f"{source}: unknown file type {suffix or '(no extension)'!r}; expected "
         f"{', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}"

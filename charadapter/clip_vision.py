@@ -28,6 +28,7 @@ from PIL import Image
 
 from .errors import CheckpointError, ImageInputError
 from .images import pad_to_square
+from .weightfile import read_pickle, read_safetensors
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 SHIPPED_CONFIGS = {"ViT-H-14": "clip_vision_vit_h_14.json", "ViT-bigG-14": "clip_vision_vit_bigg_14.json"}
@@ -106,37 +107,9 @@ def feature_dim(model: Any, plus: bool) -> int:
 # ---------------------------------------------------------------- reading files
 
 
-def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    """Flat dict of tensors from a .safetensors file."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device="cpu")
-    except Exception as e:  # SafetensorError is not importable on every version
-        raise CheckpointError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {type(e).__name__}: {e}")
-
-
-def _gist(e: Exception) -> str:
-    """One line of an exception: torch's weights_only refusal runs over many lines."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", ln).strip() for ln in str(e).splitlines()]
-    lines = [ln for ln in lines if ln]
-    key = next((ln for ln in lines if "Unsupported global" in ln or "Unsupported operand" in ln), None)
-    return (key or (lines[0] if lines else ""))[:300]
-
-
 def _read_pickle(path: str) -> Dict[str, Any]:
     """Dict from a torch pickle, read with weights_only=True only."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}: torch.load(weights_only=True) could not read it ({type(e).__name__}: {_gist(e)}); "
-            "convert it to .safetensors")
-    if obj is None:
-        # the WebUI swaps torch.load for its safe unpickler, which logs and returns None on refusal
-        raise CheckpointError(
-            f"{path}: torch.load returned None (the WebUI's safe unpickler refused the file?); "
-            "convert it to .safetensors")
+    obj = read_pickle(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}; convert it to .safetensors")
     return dict(obj)
@@ -162,7 +135,7 @@ def read_weights(path: PathLike) -> Dict[str, Any]:
         raise CheckpointError(f"{path}: CLIP image encoder file not found")
     low = path.lower()
     if low.endswith(".safetensors"):
-        return _read_safetensors(path)
+        return read_safetensors(path)
     if low.endswith(".index.json"):
         return _read_index(path)
     if low.endswith(PICKLE_SUFFIXES):

@@ -2,7 +2,7 @@
 
 from typing import Any, List
 
-from modules import script_callbacks, shared
+from modules import script_callbacks
 
 from ..errors import CharacterAdapterError
 from . import models, ui
