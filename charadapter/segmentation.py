@@ -18,7 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from .errors import CharacterAdapterError, GeometryError
-from .geometry import grid_for_positions, resize_maps
+from .geometry import grid_for_positions
+from .masks import merge_maps
 from .images import GREY, pad_to_square
 
 Box = Tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive
@@ -37,7 +38,7 @@ def aggregate_maps(layer_maps: Sequence[torch.Tensor], latent_hw: Tuple[int, int
         raise GeometryError("aggregate_maps got no layer maps (expected at least one (R, N) tensor)")
     h, w = int(latent_hw[0]), int(latent_hw[1])
     regions = layer_maps[0].shape[0] if layer_maps[0].dim() == 2 else None
-    total = None
+    gridded = []
     for i, m in enumerate(layer_maps):
         if m.dim() != 2 or m.shape[0] != regions:
             raise GeometryError(
@@ -48,9 +49,8 @@ def aggregate_maps(layer_maps: Sequence[torch.Tensor], latent_hw: Tuple[int, int
             grid = grid_for_positions((h, w), m.shape[1])
         except GeometryError as err:
             raise GeometryError(f"layer map {i} of shape {tuple(m.shape)}: {err}") from err
-        up = resize_maps(m.float(), grid, (h, w))  # (R, N_layer) -> (R, h*w)
-        total = up if total is None else total + up
-    return (total / len(layer_maps)).reshape(regions, h, w)  # (R, h*w) -> (R, h, w)
+        gridded.append((grid, m[None]))  # (R, N_layer) -> (1, R, N_layer)
+    return merge_maps(gridded, (h, w))[0].reshape(regions, h, w)  # (1, R, h*w) -> (R, h, w)
 
 
 def normalise_maps(maps: np.ndarray, flat_tol: float = 1e-6) -> np.ndarray:
