@@ -18,10 +18,10 @@ from torch import nn
 
 from .attention import ip_keys_values
 from .errors import CharacterAdapterError
-from .geometry import Size, downsampled_hw
+from .geometry import Size
 from .hooks import HookSession, RegionState, plan_region_hooks
 from .layers import AttnLayer, map_layers
-from .masks import BACKGROUND, hard_masks, merge_maps, resize_masks, soft_masks, uniform_masks
+from .masks import hard_masks, mask_pyramid, merge_maps, resize_masks, soft_masks, uniform_masks
 
 COND, UNCOND = 0, 1  # token sets in RegionState.kv: reference tokens, negative tokens
 
@@ -100,10 +100,10 @@ class FusionSession:
         self.levels = sorted({layer.level for layer in self.layers})
         sets = torch.stack([region_tokens, negative_tokens.expand_as(region_tokens)], dim=1)  # (R, 2, T, C_ctx)
         kv = [ip_keys_values(sets, wk.to(sets.dtype), wv.to(sets.dtype)) for wk, wv in ip_weights]
-        weights = torch.tensor(config.region_weights or (1.0,), dtype=torch.float32) * config.weight
+        self._weights = torch.tensor(config.region_weights or (1.0,), dtype=torch.float32) * config.weight
         self.state = RegionState(
             kv=kv,
-            weights=weights,
+            weights=self._weights,
             map_layers=frozenset() if config.global_only else frozenset(l.index for l in map_layers(self.layers)),
             before_call=self._before_call,
             after_call=self._after_call,
@@ -206,15 +206,10 @@ class FusionSession:
         """Region masks (I, R, N) per layer grid for this step (even split before any map)."""
         if self._pyramid is None:
             assert self.latent_hw is not None and self.plan is not None
-            pyramid = {}
-            for level in self.levels:
-                hw = downsampled_hw(self.latent_hw, level)
-                if self.masks is None:
-                    prior = uniform_masks(self.plan.images, self.regions, hw[0] * hw[1])
-                    pyramid[hw] = prior[:, BACKGROUND + 1:]  # (I, R, N)
-                else:
-                    pyramid[hw] = resize_masks(self.masks, self.latent_hw, hw)[:, BACKGROUND + 1:]
-            self._pyramid = pyramid
+            masks = self.masks
+            if masks is None:
+                masks = uniform_masks(self.plan.images, self.regions, self.latent_hw[0] * self.latent_hw[1])
+            self._pyramid = mask_pyramid(masks, self.latent_hw, self.levels)
         return self._pyramid
 
     # ---- hook callbacks ----------------------------------------------------------------
@@ -250,8 +245,7 @@ class FusionSession:
         state.enabled = True
 
     def _weights_now(self) -> torch.Tensor:
-        base = torch.tensor(self.config.region_weights or (1.0,), dtype=torch.float32) * self.config.weight
-        return base if self.in_window else torch.zeros_like(base)
+        return self._weights if self.in_window else torch.zeros_like(self._weights)
 
     def _groups_for_maps(self, cond: List[bool]) -> Optional[TokenGroups]:
         """Token groups of the first cond row; rows with other groups give no maps this call."""
