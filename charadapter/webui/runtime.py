@@ -113,12 +113,13 @@ class Controller:
         weights = ADAPTER_CACHE.get_or_create(adapter_path, lambda: load_ip_adapter(adapter_path))
         _check_architecture(p.sd_model, weights)
         encoder_path = self.resolve_model("encoder", params.encoder or ("auto:" + weights.spec.encoder))
-        key = (image_hash(image), params.regions, params.timestep, params.crop, getattr(p.sd_model, "sd_model_hash", None),
+        reference_hash = image_hash(image)  # reads every pixel: once
+        key = (reference_hash, params.regions, params.timestep, params.crop, getattr(p.sd_model, "sd_model_hash", None),
                id(_unet(p.sd_model)), adapter_path, encoder_path)
         shared.state.textinfo = "Character-Adapter: segmenting the reference"
         reference = SEGMENTATION_CACHE.get_or_create(
             key, lambda: self._reference(p.sd_model, image, params, weights, encoder_path))
-        return Generation(params, weights, reference, image_hash(image))
+        return Generation(params, weights, reference, reference_hash)
 
     def _reference(self, sd_model, image: Image.Image, params: Params, weights: IPAdapterWeights,
                    encoder_path: str) -> Reference:
