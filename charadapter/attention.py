@@ -52,6 +52,26 @@ def _coefficients(
     return masks.to(device=device, dtype=torch.float32).transpose(1, 2) * w  # (B, N, R)
 
 
+def _region_inputs(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, heads: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Check shapes; keys/values as (R, B, T, C) in q's dtype and q split into heads (B, H, N, D)."""
+    keys, values = _as_regions(keys, "keys"), _as_regions(values, "values")
+    batch, positions, width = q.shape
+    regions, kb, tokens, kw = keys.shape
+    if values.shape != keys.shape:
+        raise GeometryError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
+    if kw != width or kb not in (1, batch) or width % heads:
+        raise GeometryError(
+            f"q {tuple(q.shape)} with heads={heads} does not fit keys {tuple(keys.shape)} "
+            f"(expected (R, {batch} or 1, T, {width}) and C divisible by heads)"
+        )
+    keys = keys.to(q.dtype).expand(regions, batch, tokens, width)
+    values = values.to(q.dtype).expand(regions, batch, tokens, width)
+    qh = q.view(batch, positions, heads, width // heads).transpose(1, 2)  # (B, H, N, D)
+    return keys, values, qh
+
+
 def region_ip_delta(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -66,20 +86,10 @@ def region_ip_delta(
     rows); masks (B, R, N) or None (= 1); weights (R,) or (B, R) or None (= 1). The result is in
     to_out's input space: the caller adds ``delta @ to_out[0].weight.T``.
     """
-    keys, values = _as_regions(keys, "keys"), _as_regions(values, "values")
+    keys, values, qh = _region_inputs(q, keys, values, heads)
     batch, positions, width = q.shape
-    regions, kb, tokens, kw = keys.shape
-    if values.shape != keys.shape:
-        raise GeometryError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} differ")
-    if kw != width or kb not in (1, batch) or width % heads:
-        raise GeometryError(
-            f"q {tuple(q.shape)} with heads={heads} does not fit keys {tuple(keys.shape)} "
-            f"(expected (R, {batch} or 1, T, {width}) and C divisible by heads)"
-        )
+    regions, _, tokens, _ = keys.shape
     dim = width // heads
-    keys = keys.to(q.dtype).expand(regions, batch, tokens, width)
-    values = values.to(q.dtype).expand(regions, batch, tokens, width)
-    qh = q.view(batch, positions, heads, dim).transpose(1, 2)  # (B, H, N, D)
     coef = _coefficients(masks, weights, batch, regions, positions, q.device)  # (B|1, N|1, R)
 
     if regions == 1 and masks is None:
@@ -118,13 +128,10 @@ def region_ip_delta_sdpa(
 
     Kept as a second implementation for tests and benchmarks.
     """
-    keys, values = _as_regions(keys, "keys"), _as_regions(values, "values")
+    keys, values, qh = _region_inputs(q, keys, values, heads)
     batch, positions, width = q.shape
     regions, _, tokens, _ = keys.shape
     dim = width // heads
-    keys = keys.to(q.dtype).expand(regions, batch, tokens, width)
-    values = values.to(q.dtype).expand(regions, batch, tokens, width)
-    qh = q.view(batch, positions, heads, dim).transpose(1, 2)  # (B, H, N, D)
     qr = qh.unsqueeze(0).expand(regions, batch, heads, positions, dim)  # (R, B, H, N, D)
     qr = qr.reshape(regions * batch, heads, positions, dim)  # (R*B, H, N, D)
     kr = keys.reshape(regions * batch, tokens, heads, dim).transpose(1, 2)  # (R*B, H, T, D)
