@@ -42,15 +42,17 @@ class Reference:
 
     tokens: RegionTokens
     segmentation: Optional[SegmentationResult]
-    overlay: Optional[Image.Image]
+    boxes: Optional[List[Tuple[int, int, int, int]]]  # region crops in reference pixels
     empty_regions: Tuple[str, ...]
 
 
 class Generation:
     """Per-generation state of one script instance (one tab): never stored on `p` or modules."""
 
-    def __init__(self, params: Params, weights: IPAdapterWeights, reference: Reference, image_hash: str):
+    def __init__(self, params: Params, weights: IPAdapterWeights, reference: Reference, image_hash: str,
+                 image: Image.Image):
         self.params = params
+        self.image = image
         self.weights = weights
         self.reference = reference
         self.image_hash = image_hash
@@ -119,20 +121,19 @@ class Controller:
         shared.state.textinfo = "Character-Adapter: segmenting the reference"
         reference = SEGMENTATION_CACHE.get_or_create(
             key, lambda: self._reference(p.sd_model, image, params, weights, encoder_path))
-        return Generation(params, weights, reference, reference_hash)
+        return Generation(params, weights, reference, reference_hash, image)
 
     def _reference(self, sd_model, image: Image.Image, params: Params, weights: IPAdapterWeights,
                    encoder_path: str) -> Reference:
         from modules import shared
 
         clip = ENCODER_CACHE.get_or_create(encoder_path, lambda: load_clip_vision(encoder_path))
-        segmentation = overlay = None
+        segmentation = boxes = None
         empty: List[str] = []
         if params.regions:
             segmentation = _segment(sd_model, image, params)
             boxes = segmentation.boxes(image.size, params.crop)
             crops = region_crops(image, boxes)
-            overlay = segmentation.to_overlay(image, boxes=boxes)
             empty = [r.reference_phrase for r, e in zip(params.regions, segmentation.empty) if e]
         else:
             crops = [image]
@@ -142,7 +143,7 @@ class Controller:
         finally:
             if getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False):
                 clip.to("cpu")
-        return Reference(tokens, segmentation, overlay, tuple(empty))
+        return Reference(tokens, segmentation, boxes, tuple(empty))
 
     # ---- sampling ------------------------------------------------------------------------
 
@@ -272,8 +273,9 @@ class Controller:
 
     def _show_masks(self, gen: Generation, processed) -> None:
         extra = []
-        if gen.reference.overlay is not None:
-            extra.append(gen.reference.overlay)
+        reference = gen.reference
+        if reference.segmentation is not None:  # rendered only when asked for
+            extra.append(reference.segmentation.to_overlay(gen.image, boxes=reference.boxes))
         layout = gen.fusion.masks if gen.fusion is not None else None
         if layout is not None and gen.fusion.latent_hw is not None:
             h, w = gen.fusion.latent_hw
