@@ -1,0 +1,219 @@
+"""Drive a running WebUI (tools/real_webui/start_webui.sh) through its HTTP API, the way a user
+would, and report per case: HTTP status, images returned, whether the infotext carries
+"Character-Adapter", the error text. Results (JSON without the image data, PNGs) go to --out.
+
+    python api_checks.py [--url http://127.0.0.1:7861] [--out DIR] [case ...]   # no case = all
+"""
+import argparse
+import base64
+import io
+import json
+import os
+import sys
+import time
+
+import requests
+from PIL import Image, ImageDraw
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+from charadapter.params import ARG_NAMES  # noqa: E402
+
+TITLE = "Character-Adapter"
+ADAPTER = "ip-adapter_sd15.safetensors"
+ADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"
+PROMPT = "a girl, face, red jacket on the upper body, blue jeans on the lower body"
+TINY = dict(prompt=PROMPT, negative_prompt="blurry", width=64, height=64, steps=2, sampler_name="Euler",
+            cfg_scale=5, seed=1234, batch_size=1, n_iter=1)
+
+
+def reference_png(width=192, height=320) -> str:
+    """A character-like picture: skin-coloured head, red jacket, blue trousers on grey."""
+    img = Image.new("RGB", (width, height), (128, 128, 128))
+    d = ImageDraw.Draw(img)
+    d.ellipse((width * 0.35, height * 0.03, width * 0.65, height * 0.22), fill=(230, 190, 160))
+    d.rectangle((width * 0.25, height * 0.23, width * 0.75, height * 0.55), fill=(200, 30, 30))
+    d.rectangle((width * 0.3, height * 0.55, width * 0.7, height * 0.97), fill=(30, 40, 160))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+REF = reference_png()
+
+
+def unit(**kw):
+    d = dict(enabled=True, image=REF, model=ADAPTER)
+    d.update(kw)
+    return d
+
+
+def positional(**kw):
+    values = dict(enabled=True, image=REF, model=ADAPTER, encoder="", weight=0.8, start=0.0, end=1.0,
+                  fusion="soft", temperature=0.1, background=0.4, timestep=650, crop="strip", show_masks=False,
+                  region1_reference_phrase="face", region1_phrase="", region1_weight=1.0,
+                  region2_reference_phrase="upper body", region2_phrase="red jacket", region2_weight=1.0,
+                  region3_reference_phrase="lower body", region3_phrase="blue jeans", region3_weight=1.0,
+                  region4_reference_phrase="", region4_phrase="", region4_weight=1.0)
+    values.update(kw)
+    return [values[name] for name in ARG_NAMES]
+
+
+def txt2img(args=None, **kw):
+    payload = dict(TINY, **kw)
+    if args is not None:
+        payload.setdefault("alwayson_scripts", {})[TITLE] = {"args": args}
+    return "txt2img", payload
+
+
+def img2img(args=None, **kw):
+    payload = dict(TINY, init_images=[reference_png(64, 64)], denoising_strength=0.6, **kw)
+    if args is not None:
+        payload.setdefault("alwayson_scripts", {})[TITLE] = {"args": args}
+    return "img2img", payload
+
+
+def axis_index(url, label, tab="txt2img"):
+    """Index of an X/Y/Z axis in the tab's type dropdown (the API takes the index, type="index")."""
+    config = requests.get(f"{url}/config", timeout=60).json()
+    for comp in config["components"]:
+        props = comp.get("props", {})
+        if props.get("elem_id") == f"script_{tab}_xyz_plot_x_type":
+            choices = [c[0] if isinstance(c, list) else c for c in props["choices"]]
+            return choices.index(label)
+    raise KeyError(label)
+
+
+def xyz(x_label, x_values, y_label=None, y_values="", args=None, **kw):
+    def make(url):
+        x = axis_index(url, x_label)
+        y = axis_index(url, y_label) if y_label else 0
+        # axes with choices (Fusion mode, IP-Adapter model) read the dropdown list, not the text
+        # (xyz_grid.process_axis, unless csv_mode): send both
+        def listed(text):
+            return [v.strip() for v in text.split(",") if v.strip()]
+        script_args = [x, x_values, listed(x_values), y, y_values, listed(y_values), 0, "", [], True, False,
+                       False, False, False, False, False, 0, False]
+        route, payload = txt2img(args, script_name="x/y/z plot", script_args=script_args, **kw)
+        return route, payload
+    return make
+
+
+def controlnet_unit(**kw):
+    d = dict(enabled=True, module="none", model="control_v11p_sd15_canny", weight=1.0,
+             image=reference_png(64, 64), resize_mode="Crop and Resize", processor_res=64,
+             guidance_start=0.0, guidance_end=1.0, control_mode="Balanced", pixel_perfect=False)
+    d.update(kw)
+    return d
+
+
+def with_controlnet(route_payload, units):
+    route, payload = route_payload
+    payload.setdefault("alwayson_scripts", {})["ControlNet"] = {"args": units}
+    return route, payload
+
+
+CASES = {
+    "plain": lambda: txt2img(),
+    "dict": lambda: txt2img([unit()]),
+    "dict_regions": lambda: txt2img([unit(regions=[{"reference_phrase": "face"},
+                                                    {"reference_phrase": "upper body", "phrase": "red jacket"},
+                                                    {"reference_phrase": "lower body", "phrase": "blue jeans"}])]),
+    "dict_global": lambda: txt2img([unit(regions=[])]),
+    "dict_plus_hard_box": lambda: txt2img([unit(model=ADAPTER_PLUS, fusion="hard", crop="box")]),
+    "dict_auto_encoder": lambda: txt2img([unit(encoder="Auto")]),
+    "dict_named_encoder": lambda: txt2img([unit(encoder="image_encoder")]),
+    "positional": lambda: txt2img(positional()),
+    "positional_disabled": lambda: txt2img(positional(enabled=False)),
+    "show_masks": lambda: txt2img([unit(show_masks=True)]),
+    "batch2": lambda: txt2img([unit()], batch_size=2),
+    "and_prompt": lambda: txt2img([unit()], prompt=PROMPT + " AND a face:0.5"),
+    "hires": lambda: txt2img([unit(show_masks=True)], enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                             hr_second_pass_steps=2, denoising_strength=0.6),
+    "hires_nonlatent": lambda: txt2img([unit()], enable_hr=True, hr_scale=1.5, hr_upscaler="Lanczos",
+                                       hr_second_pass_steps=1, denoising_strength=0.6),
+    "ddim": lambda: txt2img([unit()], sampler_name="DDIM"),
+    "heun": lambda: txt2img([unit()], sampler_name="Heun"),
+    "img2img": lambda: img2img([unit()]),
+    "img2img_show_masks": lambda: img2img([unit(show_masks=True)]),
+    "inpaint": lambda: img2img([unit()], mask=reference_png(64, 64), inpaint_full_res=True),
+    "xyz_weight": xyz("[Character-Adapter] Weight", "0, 0.8", args=[unit()]),
+    "xyz_weight_fusion": xyz("[Character-Adapter] Weight", "0.4, 1.2", "[Character-Adapter] Fusion mode",
+                             "soft, hard", args=[unit()]),
+    "xyz_region_weights": xyz("[Character-Adapter] Region weights", '"1, 0, 0", 0 1 1', args=[unit()]),
+    "xyz_model": xyz("[Character-Adapter] IP-Adapter model", ADAPTER + ", " + ADAPTER_PLUS, args=[unit()]),
+    "xyz_panel_off": xyz("[Character-Adapter] Weight", "0, 0.8"),
+    "xyz_bad_value": xyz("[Character-Adapter] Weight", "0.5, 7", args=[unit()]),
+    "controlnet": lambda: with_controlnet(txt2img([unit()]), [controlnet_unit()]),
+    "controlnet_show_masks_hires": lambda: with_controlnet(
+        txt2img([unit(show_masks=True)], enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
+                hr_second_pass_steps=1, denoising_strength=0.6), [controlnet_unit()]),
+    "controlnet_only": lambda: with_controlnet(txt2img(), [controlnet_unit()]),
+    "bin_newtorch": lambda: txt2img([unit(model="ip-adapter_sd15_newtorch.bin", regions=[])]),
+    "bin_oldzip": lambda: txt2img([unit(model="ip-adapter_sd15_oldzip.bin", regions=[])]),
+    "bad_model": lambda: txt2img([unit(model="nope.safetensors")]),
+    "bad_weight": lambda: txt2img([unit(weight=5)]),
+    "no_image": lambda: txt2img([unit(image=None)]),
+    "bad_key": lambda: txt2img([unit(wieght=0.5)]),
+    "path_as_image": lambda: txt2img([unit(image="/etc/hostname")]),
+}
+
+
+def strip_images(data):
+    out = dict(data)
+    if isinstance(out.get("images"), list):
+        out["images"] = [f"<{len(i)} base64 chars>" for i in out["images"]]
+    for key in ("parameters",):
+        if isinstance(out.get(key), dict):
+            params = dict(out[key])
+            params.pop("init_images", None)
+            params.pop("mask", None)
+            scripts = params.get("alwayson_scripts") or {}
+            params["alwayson_scripts"] = json.loads(json.dumps(scripts).replace(REF, "<ref>"))
+            out[key] = params
+    return out
+
+
+def run(url, name, out_dir):
+    make = CASES[name]
+    route, payload = make(url) if make.__code__.co_argcount else make()
+    t0 = time.time()
+    r = requests.post(f"{url}/sdapi/v1/{route}", json=payload, timeout=1800)
+    dt = time.time() - t0
+    try:
+        data = r.json()
+    except ValueError:
+        data = {"raw": r.text[:2000]}
+    info = {}
+    if isinstance(data.get("info"), str):
+        try:
+            info = json.loads(data["info"])
+        except ValueError:
+            pass
+    infotexts = info.get("infotexts") or []
+    images = data.get("images") or []
+    for i, b64 in enumerate(images):
+        with open(os.path.join(out_dir, f"{name}_{i}.png"), "wb") as f:
+            f.write(base64.b64decode(b64.split(",", 1)[-1]))
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump(dict(strip_images(data), info=info or data.get("info")), f, indent=1, default=str)
+    ours = [TITLE in t for t in infotexts]
+    error = data.get("errors") or data.get("error") or data.get("detail") or ""
+    print(f"{name:22s} HTTP {r.status_code} {dt:6.1f}s images={len(images)} infotexts={len(infotexts)} "
+          f"ours={ours} {str(error)[:300]}", flush=True)
+    return r.status_code, data
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--url", default="http://127.0.0.1:7861")
+    ap.add_argument("--out", default="/work/realwebui/out")
+    ap.add_argument("cases", nargs="*")
+    a = ap.parse_args()
+    os.makedirs(a.out, exist_ok=True)
+    for name in a.cases or list(CASES):
+        run(a.url, name, a.out)
+
+
+if __name__ == "__main__":
+    main()
