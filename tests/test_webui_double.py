@@ -29,6 +29,7 @@ class RecordingModel(nn.Module):
     """sd_model stand-in that records every apply_model batch and predicts zero noise."""
 
     cond_stage_key = "txt"
+    dtype = torch.float32  # LatentDiffusion's (a LightningModule) dtype property
 
     def __init__(self, tokenizer, on_apply=None):
         super().__init__()
@@ -359,6 +360,38 @@ def test_img2img_only_masked_crops_and_samples_at_p_size(model):
     sampling = [extra for _, name, _, extra in log if name == "process_before_every_sampling"]
     assert sampling[0]["x"] == (1, 4, 8, 8)
     assert p.extra_generation_params["Inpaint area"] == "Only masked"
+
+
+def test_inpainting_models_get_the_mask_and_the_masked_image(model):
+    """processing.py (img2img_image_conditioning -> inpainting_image_conditioning): for conditioning_key
+    'hybrid' the UNet's c_concat is [mask (latent size), latent of the image with the masked part removed]."""
+    from PIL import Image
+    model.model.conditioning_key = "hybrid"
+    concat = []
+    model.on_apply = lambda x, t, cond: concat.append(cond["c_concat"][0].clone())
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    p = processing.StableDiffusionProcessingImg2Img(init_images=[Image.new("RGB", (64, 64), "gray")], mask=mask, inpaint_full_res=False,
+                                                    prompt="cat", width=64, height=64, steps=2, denoising_strength=0.5, sampler_name="Euler", seed=1)
+    processing.process_images(p)
+    assert concat and concat[0].shape == (2, 5, 8, 8)  # cond + uncond rows
+    assert concat[0][:, 0, :, :4].eq(1).all() and concat[0][:, 0, :, 4:].eq(0).all()
+    txt = txt2img(steps=1)
+    concat.clear()
+    processing.process_images(txt)  # txt2img_image_conditioning: all masked, a grey image
+    assert concat[0].shape == (2, 5, 8, 8) and concat[0][:, 0].eq(1).all()
+
+
+def test_apply_model_casts_to_the_unet_dtype_under_autocast(model, monkeypatch):
+    """modules/sd_hijack_unet.py (apply_model), patched onto LatentDiffusion.apply_model at import: x, t and
+    every cond tensor go to devices.dtype_unet, and the call runs under devices.autocast()."""
+    from modules import devices
+    seen = []
+    model.on_apply = lambda x, t, cond: seen.append((x.dtype, t.dtype, cond["c_crossattn"][0].dtype, torch.is_autocast_enabled("cpu")))
+    for name in ("dtype", "dtype_unet", "dtype_inference"):
+        monkeypatch.setattr(devices, name, torch.bfloat16)
+    model.apply_model(torch.zeros(1, 4, 8, 8), torch.tensor([10]), {"c_crossattn": [torch.zeros(1, 77, 4)]})
+    assert seen == [(torch.bfloat16, torch.bfloat16, torch.bfloat16, True)]
 
 
 # ---------------------------------------------------------------- API, callbacks, xyz, safe load

@@ -48,9 +48,11 @@ def cond_cast_float(input):  # mirrors modules/devices.py (cond_cast_float)
 
 
 def autocast(disable=False):  # mirrors modules/devices.py (autocast): a no-op context when dtype is float32
+    """torch.autocast("cuda") (float16) in the WebUI; the double autocasts on its device to `dtype`
+    (float16 or bfloat16 on the CPU), so tests can run a half UNet the way the WebUI does."""
     if disable or dtype == torch.float32 or dtype_inference == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type)
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def without_autocast(disable=False):  # mirrors modules/devices.py (without_autocast)

@@ -13,7 +13,8 @@ An exception outside the hooks (e.g. raised inside the UNet) leaves process_imag
 postprocess does NOT run; the caller's `with closing(p)` only calls p.close().
 
 Simplified: no cond cache, no styles / extra networks / prompt editing, latent hires upscalers
-only, full VAE only, no face restoration / colour correction / saving, no grid.
+only, full VAE only, no face restoration / colour correction / saving, no grid, no mask blur or
+masked-content fill. Inpainting models (conditioning_key 'hybrid') get the host's c_concat.
 """
 from __future__ import annotations
 
@@ -47,7 +48,12 @@ def create_binary_mask(image, round=True):  # mirrors modules/processing.py (cre
     return image
 
 
-def txt2img_image_conditioning(sd_model, x, width, height):  # mirrors modules/processing.py (txt2img_image_conditioning); plain models only
+def txt2img_image_conditioning(sd_model, x, width, height):  # mirrors modules/processing.py (txt2img_image_conditioning); no unCLIP / SDXL-inpaint
+    if sd_model.model.conditioning_key in {'hybrid', 'concat'}:  # inpainting models: everything masked, a grey image
+        image_conditioning = torch.ones(x.shape[0], 3, height, width, device=x.device) * 0.5
+        image_conditioning = images_tensor_to_samples(image_conditioning, approximation_indexes.get(shared.opts.sd_vae_encode_method))
+        image_conditioning = torch.nn.functional.pad(image_conditioning, (0, 0, 0, 0, 1, 0), value=1.0)
+        return image_conditioning.to(x.dtype)
     return x.new_zeros(x.shape[0], 5, 1, 1, dtype=x.dtype, device=x.device)
 
 
@@ -201,7 +207,32 @@ class StableDiffusionProcessing:  # mirrors modules/processing.py (StableDiffusi
         self.is_using_inpainting_conditioning = self.sd_model.model.conditioning_key in {'hybrid', 'concat'}
         return txt2img_image_conditioning(self.sd_model, x, width or self.width, height or self.height)
 
-    def img2img_image_conditioning(self, source_image, latent_image, image_mask=None, round_image_mask=True):  # mirrors (...img2img_image_conditioning); plain models only
+    def inpainting_image_conditioning(self, source_image, latent_image, image_mask=None, round_image_mask=True):  # mirrors (...inpainting_image_conditioning)
+        """c_concat of inpainting models: the mask (latent size) and the VAE latent of the image with the masked part removed."""
+        self.is_using_inpainting_conditioning = True
+        if image_mask is not None:
+            if torch.is_tensor(image_mask):
+                conditioning_mask = image_mask
+            else:
+                conditioning_mask = np.array(image_mask.convert("L"))
+                conditioning_mask = conditioning_mask.astype(np.float32) / 255.0
+                conditioning_mask = torch.from_numpy(conditioning_mask[None, None])
+                if round_image_mask:
+                    conditioning_mask = torch.round(conditioning_mask)
+        else:
+            conditioning_mask = source_image.new_ones(1, 1, *source_image.shape[-2:])
+        conditioning_mask = conditioning_mask.to(device=source_image.device, dtype=source_image.dtype)
+        conditioning_image = torch.lerp(source_image, source_image * (1.0 - conditioning_mask), getattr(self, "inpainting_mask_weight", shared.opts.inpainting_mask_weight))
+        conditioning_image = self.sd_model.get_first_stage_encoding(self.sd_model.encode_first_stage(conditioning_image))
+        conditioning_mask = torch.nn.functional.interpolate(conditioning_mask, size=latent_image.shape[-2:])
+        conditioning_mask = conditioning_mask.expand(conditioning_image.shape[0], -1, -1, -1)
+        image_conditioning = torch.cat([conditioning_mask, conditioning_image], dim=1)
+        return image_conditioning.to(shared.device or devices.device).type(self.sd_model.dtype)
+
+    def img2img_image_conditioning(self, source_image, latent_image, image_mask=None, round_image_mask=True):  # mirrors (...img2img_image_conditioning); no depth / edit / unCLIP models
+        source_image = devices.cond_cast_float(source_image)
+        if self.sampler.conditioning_key in {'hybrid', 'concat'}:
+            return self.inpainting_image_conditioning(source_image, latent_image, image_mask=image_mask, round_image_mask=round_image_mask)
         return latent_image.new_zeros(latent_image.shape[0], 5, 1, 1)
 
     def init(self, all_prompts, all_seeds, all_subseeds):  # mirrors (StableDiffusionProcessing.init)

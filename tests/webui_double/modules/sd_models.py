@@ -120,7 +120,8 @@ def get_empty_cond(sd_model):  # mirrors modules/sd_models.py (get_empty_cond): 
 
 def register_model(sd_model, filename=None, arch="sd1"):  # double-only
     """Make a test-built LatentDiffusion look like a model the WebUI loaded, and make it shared.sd_model."""
-    from modules import sd_hijack
+    from modules import sd_hijack, sd_hijack_unet
+    sd_hijack_unet.hijack_apply_model(type(sd_model))  # the WebUI patches LatentDiffusion.apply_model at import
     for flag in ("is_sd1", "is_sd2", "is_sdxl", "is_ssd", "is_sd3"):
         setattr(sd_model, flag, False)
     setattr(sd_model, {"sd1": "is_sd1", "sd2": "is_sd2", "sdxl": "is_sdxl"}[arch], True)

@@ -1,9 +1,22 @@
-"""How the HTTP API fills script args; mirrors modules/api/api.py (Api methods as a small class, no FastAPI app)."""
+"""The HTTP API; mirrors modules/api/api.py: script-argument plumbing, /sdapi/v1/txt2img and /img2img.
+
+`Api(app, queue_lock)` adds the routes to a FastAPI app like the WebUI; `Api()` (no app) only offers
+the methods. Simplified: no auth, no infotext request key, no task queue/progress, PNG responses only,
+and the routes the extension does not need are left out.
+"""
 import base64
 import io
+import threading
+from contextlib import closing
 
-from fastapi import HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
 from PIL import Image
+
+from modules import errors, scripts, sd_samplers, shared
+from modules.api import models
+from modules.processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img, process_images
 
 
 
@@ -12,6 +25,13 @@ def script_name_to_index(name, scripts_list):  # mirrors modules/api/api.py (scr
         return [script.title().lower() for script in scripts_list].index(name.lower())
     except Exception as e:
         raise HTTPException(status_code=422, detail=f"Script '{name}' not found") from e
+
+
+def validate_sampler_name(name):  # mirrors modules/api/api.py (validate_sampler_name)
+    config = sd_samplers.all_samplers_map.get(name, None)
+    if config is None:
+        raise HTTPException(status_code=400, detail="Sampler not found")
+    return name
 
 
 def decode_base64_to_image(encoding):  # mirrors modules/api/api.py (decode_base64_to_image); URLs not supported in the double
@@ -32,10 +52,66 @@ def encode_pil_to_base64(image):  # mirrors modules/api/api.py (encode_pil_to_ba
         return base64.b64encode(output_bytes.getvalue())
 
 
-class Api:  # mirrors modules/api/api.py (Api): only the script-argument plumbing
-    def __init__(self):
+def api_middleware(app: FastAPI):  # mirrors modules/api/api.py (api_middleware): every exception -> JSON
+    def handle_exception(request: Request, e: Exception):
+        err = {
+            "error": type(e).__name__,
+            "detail": vars(e).get('detail', ''),
+            "body": vars(e).get('body', ''),
+            "errors": str(e),
+        }
+        if not isinstance(e, HTTPException):  # the WebUI logs a traceback for these
+            errors.report(f"API error: {request.method}: {request.url} {err}", exc_info=True)
+        return JSONResponse(status_code=vars(e).get('status_code', 500), content=jsonable_encoder(err))
+
+    @app.middleware("http")
+    async def exception_handling(request: Request, call_next):
+        try:
+            return await call_next(request)
+        except Exception as e:
+            return handle_exception(request, e)
+
+    @app.exception_handler(Exception)
+    async def fastapi_exception_handler(request: Request, e: Exception):
+        return handle_exception(request, e)
+
+    @app.exception_handler(HTTPException)
+    async def http_exception_handler(request: Request, e: HTTPException):
+        return handle_exception(request, e)
+
+
+class Api:  # mirrors modules/api/api.py (Api)
+    def __init__(self, app: FastAPI = None, queue_lock=None):  # mirrors (Api.__init__); app=None: methods only (double-only)
+        self.app = app
+        self.queue_lock = queue_lock if queue_lock is not None else threading.Lock()  # webui.py passes call_queue.queue_lock
         self.default_script_arg_txt2img = []
         self.default_script_arg_img2img = []
+        if app is None:
+            return
+        api_middleware(self.app)
+        self.add_api_route("/sdapi/v1/txt2img", self.text2imgapi, methods=["POST"], response_model=models.TextToImageResponse)
+        self.add_api_route("/sdapi/v1/img2img", self.img2imgapi, methods=["POST"], response_model=models.ImageToImageResponse)
+        self.add_api_route("/sdapi/v1/scripts", self.get_scripts_list, methods=["GET"], response_model=models.ScriptsList)
+        self.add_api_route("/sdapi/v1/script-info", self.get_script_info, methods=["GET"], response_model=list[models.ScriptInfo])
+        for runner, is_img2img in ((scripts.scripts_txt2img, False), (scripts.scripts_img2img, True)):
+            if not runner.scripts:  # the WebUI calls ui.create_ui() here, which builds both runners
+                runner.build_ui(is_img2img=is_img2img)
+        self.default_script_arg_txt2img = self.init_default_script_args(scripts.scripts_txt2img)
+        self.default_script_arg_img2img = self.init_default_script_args(scripts.scripts_img2img)
+
+    def add_api_route(self, path: str, endpoint, **kwargs):  # mirrors (Api.add_api_route), no --api-auth
+        return self.app.add_api_route(path, endpoint, **kwargs)
+
+    def get_scripts_list(self):  # mirrors (Api.get_scripts_list)
+        t2ilist = [script.name for script in scripts.scripts_txt2img.scripts if script.name is not None]
+        i2ilist = [script.name for script in scripts.scripts_img2img.scripts if script.name is not None]
+        return models.ScriptsList(txt2img=t2ilist, img2img=i2ilist)
+
+    def get_script_info(self):  # mirrors (Api.get_script_info)
+        res = []
+        for script_list in [scripts.scripts_txt2img.scripts, scripts.scripts_img2img.scripts]:
+            res += [script.api_info for script in script_list if script.api_info is not None]
+        return res
 
     def get_selectable_script(self, script_name, script_runner):  # mirrors (Api.get_selectable_script)
         if script_name is None or script_name == "":
@@ -88,3 +164,87 @@ class Api:  # mirrors modules/api/api.py (Api): only the script-argument plumbin
                     for idx in range(0, min((alwayson_script.args_to - alwayson_script.args_from), len(args))):
                         script_args[alwayson_script.args_from + idx] = args[idx]
         return script_args
+
+    def text2imgapi(self, txt2imgreq: models.StableDiffusionTxt2ImgProcessingAPI):  # mirrors (Api.text2imgapi)
+        script_runner = scripts.scripts_txt2img
+        selectable_scripts, selectable_script_idx = self.get_selectable_script(txt2imgreq.script_name, script_runner)
+        populate = txt2imgreq.model_copy(update={  # Override __init__ params
+            "sampler_name": validate_sampler_name(txt2imgreq.sampler_name or txt2imgreq.sampler_index),
+            "do_not_save_samples": not txt2imgreq.save_images,
+            "do_not_save_grid": not txt2imgreq.save_images,
+        })
+        if populate.sampler_name:
+            populate.sampler_index = None  # prevent a warning later on
+        args = dict(vars(populate))
+        args.pop('script_name', None)
+        args.pop('script_args', None)  # will refeed them to the pipeline directly after initializing them
+        args.pop('alwayson_scripts', None)
+        args.pop('infotext', None)
+        script_args = self.init_script_args(txt2imgreq, self.default_script_arg_txt2img, selectable_scripts, selectable_script_idx, script_runner)
+        send_images = args.pop('send_images', True)
+        args.pop('save_images', None)
+        with self.queue_lock:
+            with closing(StableDiffusionProcessingTxt2Img(sd_model=shared.sd_model, **args)) as p:
+                p.is_api = True
+                p.scripts = script_runner
+                try:
+                    shared.state.begin(job="scripts_txt2img")
+                    if selectable_scripts is not None:
+                        p.script_args = script_args
+                        processed = scripts.scripts_txt2img.run(p, *p.script_args)  # Need to pass args as list here
+                    else:
+                        p.script_args = tuple(script_args)  # Need to pass args as tuple here
+                        processed = process_images(p)
+                finally:
+                    shared.state.end()
+                    shared.total_tqdm.clear()
+        b64images = list(map(encode_pil_to_base64, processed.images)) if send_images else []
+        return models.TextToImageResponse(images=b64images, parameters=vars(txt2imgreq), info=processed.js())
+
+    def img2imgapi(self, img2imgreq: models.StableDiffusionImg2ImgProcessingAPI):  # mirrors (Api.img2imgapi)
+        init_images = img2imgreq.init_images
+        if init_images is None:
+            raise HTTPException(status_code=404, detail="Init image not found")
+        mask = img2imgreq.mask
+        if mask:
+            mask = decode_base64_to_image(mask)
+        script_runner = scripts.scripts_img2img
+        selectable_scripts, selectable_script_idx = self.get_selectable_script(img2imgreq.script_name, script_runner)
+        populate = img2imgreq.model_copy(update={  # Override __init__ params
+            "sampler_name": validate_sampler_name(img2imgreq.sampler_name or img2imgreq.sampler_index),
+            "do_not_save_samples": not img2imgreq.save_images,
+            "do_not_save_grid": not img2imgreq.save_images,
+            "mask": mask,
+        })
+        if populate.sampler_name:
+            populate.sampler_index = None  # prevent a warning later on
+        args = dict(vars(populate))
+        args.pop('include_init_images', None)
+        args.pop('script_name', None)
+        args.pop('script_args', None)  # will refeed them to the pipeline directly after initializing them
+        args.pop('alwayson_scripts', None)
+        args.pop('infotext', None)
+        script_args = self.init_script_args(img2imgreq, self.default_script_arg_img2img, selectable_scripts, selectable_script_idx, script_runner)
+        send_images = args.pop('send_images', True)
+        args.pop('save_images', None)
+        with self.queue_lock:
+            with closing(StableDiffusionProcessingImg2Img(sd_model=shared.sd_model, **args)) as p:
+                p.init_images = [decode_base64_to_image(x) for x in init_images]
+                p.is_api = True
+                p.scripts = script_runner
+                try:
+                    shared.state.begin(job="scripts_img2img")
+                    if selectable_scripts is not None:
+                        p.script_args = script_args
+                        processed = scripts.scripts_img2img.run(p, *p.script_args)  # Need to pass args as list here
+                    else:
+                        p.script_args = tuple(script_args)  # Need to pass args as tuple here
+                        processed = process_images(p)
+                finally:
+                    shared.state.end()
+                    shared.total_tqdm.clear()
+        b64images = list(map(encode_pil_to_base64, processed.images)) if send_images else []
+        if not img2imgreq.include_init_images:
+            img2imgreq.init_images = None
+            img2imgreq.mask = None
+        return models.ImageToImageResponse(images=b64images, parameters=vars(img2imgreq), info=processed.js())
