@@ -134,6 +134,10 @@ def split_sections(raw: Any, source: str) -> Tuple[Dict[str, torch.Tensor], Dict
             if not isinstance(v, torch.Tensor) or not v.is_floating_point():
                 got = f"{v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
                 raise CheckpointError(f"{source}: {section}.{k} should be a float tensor, found {got}")
+            if not v.is_meta and not bool(torch.isfinite(v).all()):
+                raise CheckpointError(
+                    f"{source}: {section}.{k} holds NaN or infinite values (a damaged download or a "
+                    f"broken fp16 conversion); every image would come out black or noise")
     return proj, ip
 
 

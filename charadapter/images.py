@@ -3,6 +3,11 @@
 Every failure raises ImageInputError naming the input and what was wrong. Size is checked
 from the header before any pixel is decoded, so a decompression bomb costs nothing, whatever
 PIL's global MAX_IMAGE_PIXELS says. PIL's LOAD_TRUNCATED_IMAGES is never touched.
+
+Accepted as they are: any mode (CMYK, 16-bit, palette, transparency over grey), EXIF rotation.
+Animated GIF/WebP/PNG: the first frame is used and the result's `info["frames"]` says how many
+there were, so the host can tell the user. A reference (`min_side=MIN_REFERENCE_SIDE`) must be at
+least 32 px on its short side: smaller ones hold no character to keep.
 """
 
 import base64
@@ -18,14 +23,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import ImageInputError
 
 MAX_PIXELS = 64_000_000  # 64 MP: far above any sane reference, far below a bomb
+MIN_REFERENCE_SIDE = 32  # px on the short side: below it CLIP sees a blur of a few pixels
 GREY = (127, 127, 127)  # neutral background for transparency and padding
 
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def load_image(source: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def load_image(source: Any, max_pixels: int = MAX_PIXELS, min_side: int = 1) -> Image.Image:
     """Decode a PIL image, numpy array, bytes, base64 / data URL string or file path into RGB."""
+    img = _load(source, max_pixels)
+    if min(img.size) < min_side:
+        raise ImageInputError(
+            f"the reference image is only {img.size[0]}x{img.size[1]} pixels; it needs at least "
+            f"{min_side} px on its short side to show a character")
+    return img
+
+
+def _load(source: Any, max_pixels: int) -> Image.Image:
     if isinstance(source, Image.Image):
         return _normalise(source, "image", max_pixels)
     if isinstance(source, np.ndarray):
@@ -38,7 +53,7 @@ def load_image(source: Any, max_pixels: int = MAX_PIXELS) -> Image.Image:
         return _from_string(source, max_pixels)
     if isinstance(source, dict) and "image" in source:
         # gradio 3 sketch/mask components send {"image": ..., "mask": ...}
-        return load_image(source["image"], max_pixels)
+        return _load(source["image"], max_pixels)
     if source is None:
         raise ImageInputError("no reference image was given (got None)")
     raise ImageInputError(
@@ -132,16 +147,26 @@ def _decode_stream(fp, what: str, max_pixels: int) -> Image.Image:
     except Image.DecompressionBombError as err:
         raise ImageInputError(f"{what} is too large to decode safely: {err}") from err
     except UnidentifiedImageError as err:
-        head = fp.getvalue()[:8] if isinstance(fp, io.BytesIO) else b""
         raise ImageInputError(
-            f"{what} is not a recognised image format" + (f" (first bytes {head!r})" if head else "")
+            f"{what} is not a recognised image format (it starts with {_head(fp)!r})"
         ) from err
     except Exception as err:  # noqa: BLE001 - plugins raise many types on bad headers
-        raise ImageInputError(f"{what} has an unreadable header ({type(err).__name__}: {err})") from err
+        raise ImageInputError(
+            f"{what} has an unreadable header: the file is truncated or corrupt ({type(err).__name__}: {err})"
+        ) from err
     try:
         return _normalise(img, what, max_pixels)
     finally:
         img.close()
+
+
+def _head(fp, size: int = 12) -> bytes:
+    """The first bytes of a stream, to show what a non-image file really is."""
+    try:
+        fp.seek(0)
+        return fp.read(size)
+    except Exception:  # noqa: BLE001 - only for the message
+        return b""
 
 
 def _from_array(arr: np.ndarray, max_pixels: int) -> Image.Image:
@@ -204,6 +229,7 @@ def _normalise(img: Image.Image, what: str, max_pixels: int) -> Image.Image:
     """Size check (header only), decode, first frame, EXIF orientation, then RGB. Returns a new image."""
     _check_size(img.size[0], img.size[1], what, max_pixels)
     try:
+        frames = int(getattr(img, "n_frames", 1) or 1) if getattr(img, "is_animated", False) else 1
         if img.tell() != 0:
             img.seek(0)  # animated input already advanced: use the first frame
         img.load()
@@ -218,7 +244,10 @@ def _normalise(img: Image.Image, what: str, max_pixels: int) -> Image.Image:
         img = ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not reject a good image
         pass
-    return _to_rgb(img, what)
+    rgb = _to_rgb(img, what)
+    if frames > 1:
+        rgb.info["frames"] = frames
+    return rgb
 
 
 def _to_rgb(img: Image.Image, what: str, background: Tuple[int, int, int] = GREY) -> Image.Image:
