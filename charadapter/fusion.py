@@ -18,10 +18,10 @@ from torch import nn
 
 from .attention import ip_keys_values
 from .errors import CharacterAdapterError
-from .geometry import Size
+from .geometry import Size, resize_maps
 from .hooks import HookSession, RegionState, plan_region_hooks
 from .layers import AttnLayer, map_layers
-from .masks import hard_masks, mask_pyramid, merge_maps, resize_masks, soft_masks, uniform_masks
+from .masks import BACKGROUND, area_pyramid, hard_masks, resize_masks, soft_masks, uniform_masks
 
 COND, UNCOND = 0, 1  # token sets in RegionState.kv: reference tokens, negative tokens
 
@@ -72,6 +72,8 @@ class FusionSession:
     The host calls `begin_pass` at each sampling start (the hires pass too) and `begin_step`
     before every denoiser call; the rows of each UNet call are matched to the step's plan in
     call order, which is how the WebUI's CFG denoiser splits its batch (cond rows first).
+    The layout, the maps and the mask pyramid stay on the UNet's device: a step copies nothing
+    from or to the host and never waits for the device.
     """
 
     def __init__(
@@ -117,11 +119,19 @@ class FusionSession:
         self._cursor = 0
         self._call_rows: List[int] = []
         self._call_groups: Optional[TokenGroups] = None
-        self.masks: Optional[torch.Tensor] = None  # (I, R+1, N_latent): current layout
-        self._pyramid: Optional[Dict[Size, torch.Tensor]] = None  # grid -> (I, R, N)
-        self._map_sum: Optional[torch.Tensor] = None  # (I, R, N_latent)
-        self._map_count: Optional[torch.Tensor] = None  # (I, 1, 1)
+        self._map_picks: List[Tuple[int, int]] = []  # (row among the call's map rows, image) to add up
+        self._layout: Optional[torch.Tensor] = None  # (I, R+1, N_latent) on the UNet's device
+        self._call_masks: Dict[Tuple[int, ...], Dict[Size, torch.Tensor]] = {}  # images of a call -> masks
+        self._map_sums: Dict[Size, torch.Tensor] = {}  # grid -> (I, R, N_grid): this step's maps, summed
+        self._map_counts: List[float] = []  # per image: maps summed (layers x rows x calls)
+        self._device_weights: Dict[Tuple[torch.device, bool], torch.Tensor] = {}
+        self._row_index: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         self.calls_with_adapter = 0  # UNet calls that got the region term (tests, diagnostics)
+
+    @property
+    def masks(self) -> Optional[torch.Tensor]:
+        """The current layout (I, R+1, N_latent), background first, as a CPU copy; None before any maps."""
+        return None if self._layout is None else self._layout.cpu()
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -139,8 +149,19 @@ class FusionSession:
         """Remove every hook and drop per-step tensors; safe to call twice."""
         session, self._session = self._session, None
         self.state.enabled = False
-        self._pyramid = self._map_sum = self._map_count = None
+        self._forget_step()
         self.state.maps.clear()
+        if session is not None:
+            session.remove()
+
+    def detach_hooks(self) -> None:
+        """Remove the hooks but keep the layout and the maps gathered so far; `install()` goes on.
+
+        For callers that switch several sessions on one UNet (the benchmark); a generation ends
+        with `remove()`.
+        """
+        session, self._session = self._session, None
+        self.state.enabled = False
         if session is not None:
             session.remove()
 
@@ -159,13 +180,13 @@ class FusionSession:
     def begin_pass(self, latent_hw: Size, total_steps: int) -> None:
         """A sampling pass starts (first or hires): the last layout, resized, becomes the prior."""
         latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
-        if self.masks is not None and self.latent_hw is not None and latent_hw != self.latent_hw:
-            self.masks = resize_masks(self.masks, self.latent_hw, latent_hw)
+        if self._layout is not None and self.latent_hw is not None and latent_hw != self.latent_hw:
+            self._layout = resize_masks(self._layout, self.latent_hw, latent_hw)
         self.latent_hw = latent_hw
         self.total_steps = max(int(total_steps), 1)
         self.step = 0
         self.plan = None
-        self._pyramid = self._map_sum = self._map_count = None
+        self._forget_step()
 
     def begin_step(self, step: int, plan: RowPlan) -> None:
         """Before a denoiser call: fold the last step's maps into masks, restart the row count."""
@@ -190,27 +211,51 @@ class FusionSession:
 
     # ---- masks -------------------------------------------------------------------------
 
-    def _fold_maps(self, images: int) -> None:
-        if self._map_sum is not None and self._map_count is not None:
-            maps = self._map_sum / self._map_count.clamp_min(1.0)  # (I, R, N_latent)
-            if self.config.mode == "hard":
-                self.masks = hard_masks(maps, self.config.background)
-            else:
-                self.masks = soft_masks(maps, self.config.temperature, self.config.background)
-        if self.masks is not None and self.masks.shape[0] != images:
-            self.masks = None  # the batch changed: start from the prior again
-        self._map_sum = self._map_count = None
-        self._pyramid = None
+    def _forget_step(self) -> None:
+        self._call_masks = {}
+        self._map_sums = {}
+        self._map_counts = []
 
-    def _image_pyramid(self) -> Dict[Size, torch.Tensor]:
-        """Region masks (I, R, N) per layer grid for this step (even split before any map)."""
-        if self._pyramid is None:
+    def _fold_maps(self, images: int) -> None:
+        if self._map_sums and self.latent_hw is not None:
+            maps = None
+            for hw, summed in self._map_sums.items():  # resizing is linear: sum first, resize once per grid
+                resized = resize_maps(summed, hw, self.latent_hw)  # (I, R, N_latent)
+                maps = resized if maps is None else maps + resized
+            counts = [max(c, 1.0) for c in self._map_counts]
+            if len(set(counts)) == 1:
+                maps = maps / counts[0]
+            else:
+                for image, count in enumerate(counts):
+                    maps[image] /= count
+            if self.config.mode == "hard":
+                self._layout = hard_masks(maps, self.config.background)
+            else:
+                self._layout = soft_masks(maps, self.config.temperature, self.config.background)
+        if self._layout is not None and self._layout.shape[0] != images:
+            self._layout = None  # the batch changed: start from the prior again
+        self._forget_step()
+
+    def _masks_for(self, images: Tuple[int, ...], device: torch.device) -> Dict[Size, torch.Tensor]:
+        """w * w_r * M_r (B, R, N) per layer grid for the rows of one call (built once per step)."""
+        found = self._call_masks.get(images)
+        if found is None:
             assert self.latent_hw is not None and self.plan is not None
-            masks = self.masks
-            if masks is None:
-                masks = uniform_masks(self.plan.images, self.regions, self.latent_hw[0] * self.latent_hw[1])
-            self._pyramid = mask_pyramid(masks, self.latent_hw, self.levels)
-        return self._pyramid
+            layout = self._layout
+            if layout is None:  # even split before any map
+                layout = uniform_masks(self.plan.images, self.regions, self.latent_hw[0] * self.latent_hw[1],
+                                       device=device)
+            regions = layout.to(device)[:, BACKGROUND + 1:]  # (I, R, N_latent)
+            if self.plan.images == 1:  # every row shows the one image
+                regions = regions.expand(len(images), -1, -1)  # (B, R, N_latent), a view
+            elif images != tuple(range(self.plan.images)):
+                index = self._row_index.get((images, device))
+                if index is None:  # copied to the device once per generation, not per step
+                    index = self._row_index[(images, device)] = torch.tensor(images, dtype=torch.long).to(device)
+                regions = regions.index_select(0, index)  # (B, R, N_latent)
+            weighted = regions * self._weights_on(device).view(1, -1, 1)  # area averages are linear: weigh first
+            found = self._call_masks[images] = area_pyramid(weighted, self.latent_hw, self.levels)
+        return found
 
     # ---- hook callbacks ----------------------------------------------------------------
 
@@ -232,20 +277,38 @@ class FusionSession:
             return
         cond = [plan.is_cond[r] for r in self._call_rows]
         state.rows = torch.tensor([COND if c else UNCOND for c in cond], dtype=torch.long)
-        # in the window: the configured weights; before it: zero weights, maps only
-        state.weights = self._weights_now()
-        if self.config.global_only:
+        # in the window: the configured weights; before it: maps only
+        state.add_term = self.in_window
+        state.weights = self._weights_now(x.device)
+        state.masks_weighted = not self.config.global_only
+        if self.config.global_only or not self.in_window:
             state.masks = None
         else:
-            images = torch.tensor([plan.image[r] for r in self._call_rows], dtype=torch.long)
-            state.masks = {hw: m.index_select(0, images) for hw, m in self._image_pyramid().items()}
+            state.masks = self._masks_for(tuple(plan.image[r] for r in self._call_rows), x.device)
         self._call_groups = self._groups_for_maps(cond)
-        present = [g for g in self._call_groups or () if g]
-        state.token_groups = present if self.collecting and present else None
+        groups = self._call_groups
+        state.token_groups = state.map_rows = None
+        self._map_picks = []
+        if self.collecting and groups and any(groups):
+            # maps of the cond rows that carry these groups, computed over the run of rows that spans them
+            local = [i for i, r in enumerate(self._call_rows) if plan.is_cond[r] and plan.token_groups[r] == groups]
+            state.token_groups = groups
+            state.map_rows = slice(local[0], local[-1] + 1)
+            self._map_picks = [(i - local[0], plan.image[self._call_rows[i]]) for i in local]
         state.enabled = True
 
-    def _weights_now(self) -> torch.Tensor:
-        return self._weights if self.in_window else torch.zeros_like(self._weights)
+    def _weights_now(self, device: torch.device) -> torch.Tensor:
+        """w * w_r, or zeros before the window; on the UNet's device except for the one-region scalar."""
+        if self.config.global_only:
+            return self._weights if self.in_window else torch.zeros_like(self._weights)
+        return self._weights_on(device, zero=not self.in_window)
+
+    def _weights_on(self, device: torch.device, zero: bool = False) -> torch.Tensor:
+        found = self._device_weights.get((device, zero))
+        if found is None:
+            weights = torch.zeros_like(self._weights) if zero else self._weights
+            found = self._device_weights[(device, zero)] = weights.to(device)
+        return found
 
     def _groups_for_maps(self, cond: List[bool]) -> Optional[TokenGroups]:
         """Token groups of the first cond row; rows with other groups give no maps this call."""
@@ -256,24 +319,30 @@ class FusionSession:
         return None
 
     def _after_call(self, state: RegionState) -> None:
-        """UNet exit: add the recorded maps of matching cond rows, on the latent grid, per image."""
+        """UNet exit: add the recorded maps of this call's map rows to their images' sums, per grid."""
         if not state.enabled:
             return
         self.calls_with_adapter += int(self.in_window)
-        groups = self._call_groups
-        if not state.maps or not groups or self.plan is None or self.latent_hw is None:
+        if not state.grid_maps or not state.token_groups or self.plan is None:
             state.maps.clear()
+            state.grid_maps.clear()
             return
-        merged = merge_maps(state.maps.values(), self.latent_hw)  # (B, R_present, N_latent)
+        picks = self._map_picks
+        if len(self._map_counts) != self.plan.images:
+            self._map_counts = [0.0] * self.plan.images
+        first = picks[0][1]
+        run = picks == [(i, first + i) for i in range(len(picks))]  # CFG: cond rows are images 0..I-1 in order
+        for hw, maps in state.grid_maps.items():  # maps (L, B_map, R, N_grid): L map layers on this grid
+            layers = maps.shape[0]
+            summed = self._map_sums.get(hw)
+            if summed is None:
+                summed = self._map_sums[hw] = maps.new_zeros(self.plan.images, self.regions, maps.shape[3])
+            if run and len(picks) == maps.shape[1]:
+                summed[first:first + len(picks)].add_(maps.sum(dim=0))  # not "+=": that copies the slice back
+            else:
+                for local, image in picks:
+                    summed[image].add_(maps[:, local].sum(dim=0))
+            for _, image in picks:
+                self._map_counts[image] += layers
+        state.grid_maps.clear()
         state.maps.clear()
-        present = [r for r, g in enumerate(groups) if g]
-        full = torch.zeros(merged.shape[0], self.regions, merged.shape[2])  # absent phrase: no evidence
-        full[:, present] = merged.cpu()
-        if self._map_sum is None:
-            self._map_sum = torch.zeros(self.plan.images, self.regions, merged.shape[2])
-            self._map_count = torch.zeros(self.plan.images, 1, 1)
-        for local, row in enumerate(self._call_rows):
-            if self.plan.is_cond[row] and self.plan.token_groups[row] == groups:
-                image = self.plan.image[row]
-                self._map_sum[image] += full[local]
-                self._map_count[image] += 1

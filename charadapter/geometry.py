@@ -40,7 +40,7 @@ def check_grid(hw: Size, positions: int) -> None:
 
 def resize_maps(maps: torch.Tensor, src_hw: Size, dst_hw: Size) -> torch.Tensor:
     """Resize flattened maps (..., N_src) to (..., N_dst): area when shrinking, bilinear when
-    growing, clamped to the input range so that no interpolation overshoots."""
+    growing. Both give convex combinations of input cells, so nothing overshoots the input range."""
     check_grid(src_hw, maps.shape[-1])
     if tuple(src_hw) == tuple(dst_hw):
         return maps
@@ -50,7 +50,4 @@ def resize_maps(maps: torch.Tensor, src_hw: Size, dst_hw: Size) -> torch.Tensor:
         out = F.interpolate(grid, size=dst_hw, mode="area")
     else:
         out = F.interpolate(grid, size=dst_hw, mode="bilinear", align_corners=False)
-    low = grid.amin(dim=(-2, -1), keepdim=True)
-    high = grid.amax(dim=(-2, -1), keepdim=True)
-    out = torch.maximum(torch.minimum(out, high), low)
     return out.reshape(*lead, dst_hw[0] * dst_hw[1]).to(maps.dtype)  # (..., N_dst)

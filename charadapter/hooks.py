@@ -7,13 +7,21 @@ forward is in place. Per-generation data lives in a `RegionState` handed to the 
 modules.
 
 Capture protocol per attn2 layer (a `_Slot` per layer, valid for one attn2 call only):
-  attn2 pre-hook   clears the slot and arms it (so nothing from an earlier call survives);
-  to_q hook        stores the host's q (B, N, C_inner) while armed; to_k the same for text maps;
-  attn2 hook       takes q (and k), disarms and clears the slot, returns output + W_out delta.
+  attn2 pre-hook     clears the slot and arms it (so nothing from an earlier call survives);
+  to_q hook          stores the host's q (B, N, C_inner) while armed; to_k the same for text maps;
+  to_out[0] pre-hook adds the region term to the attention output before the host's own output
+                     projection (W_out (a + delta) + b: exact, and no second C x C matmul);
+  attn2 hook         disarms and clears the slot; if to_out[0] was not called once with the whole
+                     output, it adds W_out delta to the attn2 output instead.
 If the host did not call to_q exactly once with the attn2 input, q is recomputed with the
 module's own to_q, so a missing or doubled capture can never pair a wrong q with this call.
+Everything the term needs per layer (keys and values in head layout, mask coefficients per grid,
+the map averaging matrix) is built on the device once and cached, so a step moves nothing
+between host and device and never waits for the device.
 """
 
+import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
@@ -21,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import region_ip_delta, text_region_maps
+from .attention import (
+    IPHeads, add_region_ip, head_mask, ip_heads, map_dtype, region_coefficients, text_map_matrix, text_maps,
+)
 from .errors import CharacterAdapterError, GeometryError
 from .geometry import Size, check_grid, downsampled_hw
 from .layers import AttnLayer
@@ -155,10 +165,12 @@ class RegionState:
     """Everything the region hooks need for one generation; the host updates the per-call fields.
 
     kv[i] belongs to layer i: keys and values (R, S, T, C_inner) for S token sets (e.g. 0 = the
-    reference tokens for cond rows, 1 = the negative tokens for uncond rows). `rows` picks the
-    token set of each row of the current UNet call. `masks` maps a layer grid (h, w) to region
-    masks (B, R, N) (see masks.mask_pyramid); None means M = 1. `kv` is fixed for the life of
-    the state (its device/dtype copies are cached): make a new state when the tokens change.
+    reference tokens for cond rows, 1 = the negative tokens for uncond rows). `rows` (a CPU long
+    tensor) picks the token set of each row of the current UNet call. `masks` maps a layer grid
+    (h, w) to region masks (B, R, N) (see masks.mask_pyramid); None means M = 1. `kv` is fixed for
+    the life of the state (its device/dtype copies are cached): make a new state when the tokens
+    change. `masks` and `weights` are read once per UNet call: give them on the UNet's device.
+    Text maps of the rows `map_rows` come out per layer in `maps` and per grid in `grid_maps`.
     """
 
     kv: Sequence[Tuple[torch.Tensor, torch.Tensor]]
@@ -170,59 +182,163 @@ class RegionState:
     before_call: Optional[Callable[["RegionState", torch.Tensor], None]] = None  # (state, x) at UNet entry
     after_call: Optional[Callable[["RegionState"], None]] = None                 # at UNet exit
     enabled: bool = True
+    add_term: bool = True                                    # False: record maps only (weights all 0)
+    map_rows: Optional[slice] = None                         # rows of the call whose maps are recorded
+    masks_weighted: bool = False                             # masks already hold w * w_r * M_r
     # written by the hooks, per UNet call
     latent_hw: Optional[Size] = None
     batch: Optional[int] = None
-    maps: Dict[int, Tuple[Size, torch.Tensor]] = field(default_factory=dict)  # layer -> (hw, (B, R, N))
-    _kv_cache: Dict[Tuple[int, torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = field(
-        default_factory=dict, repr=False)
+    maps: Dict[int, Tuple[Size, torch.Tensor]] = field(default_factory=dict)  # layer -> (hw, (B_map, R, N))
+    grid_maps: Dict[Size, torch.Tensor] = field(default_factory=dict)  # grid -> (L, B_map, R, N): L layers
+    map_runs: Dict[int, Tuple[str, int]] = field(default_factory=dict, repr=False)  # layer -> its run (planned)
+    run_sizes: Dict[Tuple[str, int], int] = field(default_factory=dict, repr=False)  # map layers per run
+    _pending: Dict[tuple, list] = field(default_factory=dict, repr=False)  # maps not computed yet, per group
+    _heads: Dict[tuple, IPHeads] = field(default_factory=dict, repr=False)
+    _coef: Dict[Size, Tuple[Optional[torch.Tensor], float]] = field(default_factory=dict, repr=False)  # per call
+    _text_matrix: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _head_mask: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _rows_seen: Any = field(default=None, repr=False)
+    _rows_key: Optional[Tuple[int, ...]] = field(default=None, repr=False)
 
-    def layer_kv(self, index: int, batch: int, device: torch.device, dtype: torch.dtype):
-        """Keys and values (R, B, T, C_inner) of layer `index` for the rows of this call."""
-        key = (index, device, dtype)
-        if key not in self._kv_cache:
-            k, v = self.kv[index]
-            self._kv_cache[key] = (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype))
-        k, v = self._kv_cache[key]
-        sets = k.shape[1]
+    def start_call(self, latent_hw: Size, batch: int) -> None:
+        """UNet entry: forget the last call's maps and coefficients."""
+        self.latent_hw = latent_hw
+        self.batch = batch
+        self.maps.clear()
+        self.grid_maps.clear()
+        self._pending.clear()
+        self._coef.clear()
+
+    def add_map(self, layer: AttnLayer, hw: Size, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Queue one map layer's q (B_map, N, C) and k (B_map, T, C). A run (the map layers of one
+        level in the down or in the up half of the UNet, which run one after another) is computed
+        together once its last layer ran: a handful of kernels for all of them, and nothing is
+        held across the bottleneck, where the UNet's memory peaks."""
+        run = self.map_runs.get(layer.index, ("", layer.index))
+        group = (run, hw, layer.heads, tuple(q.shape[1:]), tuple(k.shape[1:]))
+        pending = self._pending.setdefault(group, [])
+        pending.append((layer.index, q, k))
+        if len(pending) == self.run_sizes.get(run, 1):
+            self.flush_maps(group)
+
+    def flush_maps(self, group: Optional[tuple] = None) -> None:
+        """Compute queued maps (one group, or all) into `maps` and `grid_maps`."""
+        for key in [group] if group is not None else list(self._pending):
+            pending = self._pending.pop(key, None)
+            if not pending:
+                continue
+            _, hw, heads, _, _ = key
+            q = pending[0][1] if len(pending) == 1 else torch.cat([p[1] for p in pending])  # (L*B_map, N, C)
+            k = pending[0][2] if len(pending) == 1 else torch.cat([p[2] for p in pending])  # (L*B_map, T, C)
+            matrix = self.text_matrix(k.shape[1], heads, q.device)
+            mask = self.head_mask(q.shape[2], heads, q.device, map_dtype(q.dtype))
+            with _plain_math(q.device):
+                maps = text_maps(q, k, heads, matrix, mask)  # (L*B_map, R, N)
+            maps = maps.view(len(pending), -1, *maps.shape[1:])  # (L, B_map, R, N)
+            previous = self.grid_maps.get(hw)
+            self.grid_maps[hw] = maps if previous is None else torch.cat([previous, maps])
+            for i, (index, _, _) in enumerate(pending):
+                self.maps[index] = (hw, maps[i])
+
+    def _rows_for(self, batch: int) -> Optional[Tuple[int, ...]]:
         rows = self.rows
         if rows is None:
-            if sets == 1:
-                return k, v  # (R, 1, T, C): broadcast over rows
-            if sets != batch:
+            return None
+        if rows.shape != (batch,):
+            raise GeometryError(f"rows has shape {tuple(rows.shape)}, the UNet call has B={batch} rows")
+        if rows is not self._rows_seen:  # read a new rows tensor once, not once per layer
+            self._rows_seen, self._rows_key = rows, tuple(int(r) for r in rows.tolist())
+        return self._rows_key
+
+    def layer_heads(self, index: int, batch: int, heads: int, device: torch.device, dtype: torch.dtype) -> IPHeads:
+        """Keys and values of layer `index` for the rows of this call, block-diagonal (cached)."""
+        rows = self._rows_for(batch)
+        key = (index, rows, batch, device, dtype)
+        found = self._heads.get(key)
+        if found is None:
+            k, v = self.kv[index]
+            sets = k.shape[1]
+            if rows is not None:
+                pick = torch.tensor(rows, dtype=torch.long, device=k.device)
+                k, v = k.index_select(1, pick), v.index_select(1, pick)  # (R, B, T, C)
+            elif sets not in (1, batch):
                 raise GeometryError(
                     f"layer {index}: {sets} token sets for a UNet call of {batch} rows and no `rows` given"
                 )
-            return k, v
-        if rows.shape != (batch,):
-            raise GeometryError(f"rows has shape {tuple(rows.shape)}, the UNet call has B={batch} rows")
-        rows = rows.to(device)
-        return k.index_select(1, rows), v.index_select(1, rows)  # (R, B, T, C)
+            found = ip_heads(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), heads, batch)
+            self._heads[key] = found
+        return found
 
-    def layer_masks(self, hw: Size, batch: int) -> Optional[torch.Tensor]:
-        """Region masks (B, R, N) for grid hw, or None when masks are off."""
-        if self.masks is None:
-            return None
-        if tuple(hw) not in self.masks:
-            raise GeometryError(f"no masks for grid {hw[0]}x{hw[1]}; masks hold grids {sorted(self.masks)}")
-        m = self.masks[tuple(hw)]
-        if m.shape[0] not in (1, batch):
-            raise GeometryError(f"masks for grid {hw} have {m.shape[0]} rows, the UNet call has B={batch}")
-        return m
+    def coefficients(self, hw: Size, batch: int, positions: int, regions: int, device: torch.device,
+                     dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], float]:
+        """(coef (B|1, N|1, R) or None, alpha) of grid hw for this call: term = alpha * sum coef_r ..."""
+        found = self._coef.get(hw)
+        if found is None:
+            found = self._coef[hw] = self._make_coefficients(hw, batch, positions, regions, device, dtype)
+        return found
+
+    def _make_coefficients(self, hw, batch, positions, regions, device, dtype):
+        weights = self.weights
+        masks = None
+        if self.masks is not None:
+            if tuple(hw) not in self.masks:
+                raise GeometryError(f"no masks for grid {hw[0]}x{hw[1]}; masks hold grids {sorted(self.masks)}")
+            masks = self.masks[tuple(hw)]
+            if masks.shape[0] not in (1, batch):
+                raise GeometryError(f"masks for grid {hw} have {masks.shape[0]} rows, the UNet call has B={batch}")
+        elif (regions == 1 and isinstance(weights, torch.Tensor) and weights.numel() == 1
+              and weights.device.type == "cpu"):
+            return None, float(weights)  # plain IP-Adapter: the weight is a scalar of the add
+        if masks is not None and self.masks_weighted:
+            weights = None
+        coef = region_coefficients(masks, weights, batch, regions, positions, device)  # (B|1, N|1, R)
+        return coef.to(dtype), 1.0
+
+    def text_matrix(self, tokens: int, heads: int, device: torch.device) -> torch.Tensor:
+        """(H*T, R) averaging matrix of the current token groups (cached)."""
+        groups = tuple(tuple(int(t) for t in g) for g in self.token_groups or ())
+        key = (groups, tokens, heads, device)
+        found = self._text_matrix.get(key)
+        if found is None:
+            found = self._text_matrix[key] = text_map_matrix(groups, tokens, heads, device, allow_empty=True)
+        return found
+
+    def head_mask(self, width: int, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(C, H, 1) head mask of text_maps (cached)."""
+        key = (width, heads, device, dtype)
+        found = self._head_mask.get(key)
+        if found is None:
+            found = self._head_mask[key] = head_mask(width, heads, device, dtype)
+        return found
 
 
 class _Slot:
     """What one attn2 call captured; valid only between its pre-hook and its hook."""
 
-    __slots__ = ("armed", "x", "context", "q", "k", "q_calls", "k_calls")
+    __slots__ = ("armed", "applied", "x", "context", "q", "k", "q_calls", "k_calls")
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self.armed = False
+        self.armed = self.applied = False
         self.x = self.context = self.q = self.k = None
         self.q_calls = self.k_calls = 0
+
+
+_NO_CONTEXT = contextlib.nullcontext()
+
+
+def _plain_math(device: torch.device):
+    """The term's math without autocast: its inputs already have the host's dtypes, and autocast
+    (the WebUI samples fp16 models under it) would add a cast around softmax and every matmul."""
+    try:
+        active = torch.is_autocast_enabled(device.type)
+    except TypeError:  # torch < 2.4: CUDA-only query, CPU has its own
+        active = torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+    except RuntimeError:  # a device type without autocast (meta)
+        active = False
+    return torch.autocast(device_type=device.type, enabled=False) if active else _NO_CONTEXT
 
 
 def _first_arg(args: tuple, kwargs: dict, position: int, names: Sequence[str]):
@@ -235,82 +351,107 @@ def _first_arg(args: tuple, kwargs: dict, position: int, names: Sequence[str]):
     return None
 
 
-class _Attn2Enter:
-    """attn2 pre-hook: clear and arm the slot, remember the input for a fallback."""
+class _LayerHooks:
+    """The hooks of one attn2 layer around one shared slot (see the capture protocol above)."""
 
-    def __init__(self, slot: _Slot):
-        self.slot = slot
+    def __init__(self, layer: AttnLayer, state: RegionState):
+        self.layer, self.state = layer, state
+        self.slot = _Slot()
 
-    def __call__(self, module, args, kwargs):
-        self.slot.reset()
-        self.slot.armed = True
-        self.slot.x = _first_arg(args, kwargs, 0, ("x", "hidden_states"))
-        self.slot.context = _first_arg(args, kwargs, 1, ("context", "encoder_hidden_states"))
+    def enter(self, module, args, kwargs):
+        """attn2 pre-hook: clear and arm the slot, remember the input for a fallback."""
+        slot = self.slot
+        slot.reset()
+        slot.armed = True
+        slot.x = _first_arg(args, kwargs, 0, ("x", "hidden_states"))
+        slot.context = _first_arg(args, kwargs, 1, ("context", "encoder_hidden_states"))
         return None
 
-
-class _Capture:
-    """to_q / to_k forward hook: store the host's projection while the slot is armed."""
-
-    def __init__(self, slot: _Slot, which: str):
-        self.slot, self.which = slot, which
-
-    def __call__(self, module, args, output):
+    def capture_q(self, module, args, output):
         slot = self.slot
         if slot.armed:
-            if self.which == "q":
-                slot.q, slot.q_calls = output, slot.q_calls + 1
-            else:
-                slot.k, slot.k_calls = output, slot.k_calls + 1
+            slot.q, slot.q_calls = output, slot.q_calls + 1
         return None
 
-
-class _Attn2Exit:
-    """attn2 forward hook: add W_out · region_ip_delta to the host output; record text maps."""
-
-    def __init__(self, layer: AttnLayer, slot: _Slot, state: RegionState):
-        self.layer, self.slot, self.state = layer, slot, state
-
-    def __call__(self, module, args, kwargs, output):
+    def capture_k(self, module, args, output):
         slot = self.slot
-        x, context, q, k = slot.x, slot.context, slot.q, slot.k
-        q_ok, k_ok = slot.q_calls == 1, slot.k_calls == 1
-        slot.reset()  # nothing captured here outlives this call
-        state = self.state
-        if not state.enabled:
+        if slot.armed:
+            slot.k, slot.k_calls = output, slot.k_calls + 1
+        return None
+
+    def before_out(self, module, args):
+        """to_out[0] pre-hook: attention output a (B, N, C_inner) -> a + delta, once per attn2 call."""
+        slot, state = self.slot, self.state
+        if not (slot.armed and state.enabled) or slot.applied or len(args) != 1:
             return None
-        if not isinstance(output, torch.Tensor) or output.ndim != 3:
-            raise CharacterAdapterError(
-                f"{self.layer.name}: expected attn2 to return a (B, N, C) tensor, got {type(output).__name__}"
-                + (f" {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
-            )
-        batch, positions = output.shape[:2]
-        if not q_ok or q is None or tuple(q.shape[:2]) != (batch, positions):
-            if x is None:
-                raise CharacterAdapterError(f"{self.layer.name}: no captured q and no input to recompute it")
-            q = module.to_q(x)  # the host did not call to_q once for this input: recompute, never reuse
+        out = args[0]
+        x = slot.x
+        if (not isinstance(out, torch.Tensor) or out.ndim != 3 or out.shape[2] != self.layer.inner_dim
+                or not isinstance(x, torch.Tensor) or tuple(out.shape[:2]) != tuple(x.shape[:2])):
+            return None  # not the whole attention output (chunked?): the attn2 hook adds W_out delta
+        slot.applied = True
+        term = self._term(self.layer.module, out.shape[0], out.shape[1])
+        slot.q = slot.k = None  # free them before the host's projection
+        if term is None:
+            return None
+        q, ip, coef, alpha = term
+        with _plain_math(q.device):
+            if out.dtype == q.dtype:
+                return (add_region_ip(q, ip, coef, base=out, alpha=alpha),)
+            return (out + add_region_ip(q, ip, coef, alpha=alpha).to(out.dtype),)
+
+    def exit(self, module, args, kwargs, output):
+        """attn2 hook: clear the slot; add W_out delta when the to_out[0] route did not apply."""
+        slot, state = self.slot, self.state
+        applied = slot.applied
+        try:
+            if applied or not state.enabled:
+                return None
+            if not isinstance(output, torch.Tensor) or output.ndim != 3:
+                raise CharacterAdapterError(
+                    f"{self.layer.name}: expected attn2 to return a (B, N, C) tensor, got {type(output).__name__}"
+                    + (f" {tuple(output.shape)}" if isinstance(output, torch.Tensor) else "")
+                )
+            term = self._term(module, output.shape[0], output.shape[1])
+            if term is None:
+                return None
+            q, ip, coef, alpha = term
+            with _plain_math(q.device):
+                delta = add_region_ip(q, ip, coef, alpha=alpha)  # (B, N, C_inner)
+                w_out = module.to_out[0].weight
+                if w_out.dtype != delta.dtype:  # fp8 storage casts at use
+                    w_out = w_out.to(delta.dtype)
+                return output + F.linear(delta, w_out).to(output.dtype)  # no bias: the host added it once
+        finally:
+            slot.reset()  # nothing captured here outlives this call
+
+    def _term(self, attn, batch: int, positions: int):
+        """Record this layer's text maps; return (q, IPHeads, coef, alpha) of the term, or None."""
+        slot, state, layer = self.slot, self.state, self.layer
+        q = slot.q
+        if slot.q_calls != 1 or q is None or tuple(q.shape[:2]) != (batch, positions):
+            if slot.x is None:
+                raise CharacterAdapterError(f"{layer.name}: no captured q and no input to recompute it")
+            q = attn.to_q(slot.x)  # the host did not call to_q once for this input: recompute, never reuse
         if state.batch is not None and state.batch != batch:
-            raise GeometryError(
-                f"{self.layer.name}: attn2 sees B={batch} rows, the UNet call had B={state.batch}"
-            )
+            raise GeometryError(f"{layer.name}: attn2 sees B={batch} rows, the UNet call had B={state.batch}")
         if state.latent_hw is None:
-            raise CharacterAdapterError(f"{self.layer.name}: latent size unknown (UNet pre-hook not installed)")
-        hw = downsampled_hw(state.latent_hw, self.layer.level)
+            raise CharacterAdapterError(f"{layer.name}: latent size unknown (UNet pre-hook not installed)")
+        hw = downsampled_hw(state.latent_hw, layer.level)
         check_grid(hw, positions)
 
-        if self.layer.index in state.map_layers and state.token_groups:
-            if not k_ok or k is None or k.shape[0] != batch:
-                k = module.to_k(context if context is not None else x)
-            state.maps[self.layer.index] = (hw, text_region_maps(q, k, self.layer.heads, state.token_groups))
+        if layer.index in state.map_layers and state.token_groups:
+            k = slot.k
+            if slot.k_calls != 1 or k is None or k.shape[0] != batch:
+                k = attn.to_k(slot.context if slot.context is not None else slot.x)
+            rows = state.map_rows or slice(None)
+            state.add_map(layer, hw, q[rows], k[rows])
 
-        keys, values = state.layer_kv(self.layer.index, batch, q.device, q.dtype)
-        masks = state.layer_masks(hw, batch)
-        weights = state.weights.to(q.device) if isinstance(state.weights, torch.Tensor) else state.weights
-        delta = region_ip_delta(q, keys, values, self.layer.heads, masks, weights)  # (B, N, C_inner)
-        w_out = module.to_out[0].weight
-        if w_out.dtype != delta.dtype:  # fp8 storage casts at use
-            w_out = w_out.to(delta.dtype)
-        return output + F.linear(delta, w_out).to(output.dtype)  # no bias: the host added it once
+        if not state.add_term:
+            return None
+        ip = state.layer_heads(layer.index, batch, layer.heads, q.device, q.dtype)
+        coef, alpha = state.coefficients(hw, batch, positions, ip.regions, q.device, q.dtype)
+        return q, ip, coef, alpha
 
 
 class _UNetEnter:
@@ -327,9 +468,7 @@ class _UNetEnter:
                 + (f" {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "")
             )
         state = self.state
-        state.latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
-        state.batch = int(x.shape[0])
-        state.maps.clear()
+        state.start_call((int(x.shape[-2]), int(x.shape[-1])), int(x.shape[0]))
         if state.before_call is not None:
             state.before_call(state, x)
         return None
@@ -342,6 +481,7 @@ class _UNetExit:
         self.state = state
 
     def __call__(self, module, args, output):
+        self.state.flush_maps()  # maps of levels whose layers did not all run
         if self.state.after_call is not None:
             self.state.after_call(self.state)
         return None
@@ -353,13 +493,29 @@ def plan_region_hooks(
     """Plan the UNet and per-layer hooks of the region IP term into `session` (not yet active)."""
     if len(state.kv) != len(layers):
         raise CharacterAdapterError(f"state has keys/values for {len(state.kv)} layers, the UNet has {len(layers)}")
+    state.map_runs = {layer.index: (layer.name.split(".")[0], layer.level)
+                      for layer in layers if layer.index in state.map_layers}
+    state.run_sizes = dict(Counter(state.map_runs.values()))
     session.add_forward_pre_hook(unet, _UNetEnter(state), with_kwargs=True, label="unet.enter")
     session.add_forward_hook(unet, _UNetExit(state), label="unet.exit")
     for layer in layers:
-        slot = _Slot()
+        hooks = _LayerHooks(layer, state)
         attn = layer.module
-        session.add_forward_pre_hook(attn, _Attn2Enter(slot), with_kwargs=True, label=f"{layer.name}.enter")
-        session.add_forward_hook(attn.to_q, _Capture(slot, "q"), label=f"{layer.name}.to_q")
+        session.add_forward_pre_hook(attn, hooks.enter, with_kwargs=True, label=f"{layer.name}.enter")
+        session.add_forward_hook(attn.to_q, hooks.capture_q, label=f"{layer.name}.to_q")
         if layer.index in state.map_layers:
-            session.add_forward_hook(attn.to_k, _Capture(slot, "k"), label=f"{layer.name}.to_k")
-        session.add_forward_hook(attn, _Attn2Exit(layer, slot, state), with_kwargs=True, label=f"{layer.name}.exit")
+            session.add_forward_hook(attn.to_k, hooks.capture_k, label=f"{layer.name}.to_k")
+        out_proj = _out_projection(attn)
+        if out_proj is not None:
+            session.add_forward_pre_hook(out_proj, hooks.before_out, label=f"{layer.name}.to_out")
+        session.add_forward_hook(attn, hooks.exit, with_kwargs=True, label=f"{layer.name}.exit")
+
+
+def _out_projection(attn: nn.Module) -> Optional[nn.Module]:
+    """attn2's output Linear (to_out[0]) when it is a module the host calls, else None."""
+    to_out = getattr(attn, "to_out", None)
+    try:
+        first = to_out[0] if isinstance(to_out, (nn.Sequential, nn.ModuleList)) else None
+    except IndexError:
+        return None
+    return first if isinstance(first, nn.Linear) else None

@@ -6,9 +6,10 @@ index 0 (``BACKGROUND``) and region r is channel r+1, so ``masks[:, 1:]`` are th
 region order. Over the channel axis they sum to 1 at every position.
 """
 
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .errors import GeometryError
 from .geometry import Size, check_grid, downsampled_hw, resize_maps
@@ -53,9 +54,9 @@ def hard_masks(maps: torch.Tensor, background_logit: float) -> torch.Tensor:
     return torch.zeros_like(logits).scatter_(1, winner, 1.0)
 
 
-def uniform_masks(batch: int, regions: int, positions: int) -> torch.Tensor:
+def uniform_masks(batch: int, regions: int, positions: int, device: Optional[torch.device] = None) -> torch.Tensor:
     """Even-split prior (B, R+1, N): every region 1/R everywhere, background 0."""
-    masks = torch.full((batch, regions + 1, positions), 1.0 / regions)
+    masks = torch.full((batch, regions + 1, positions), 1.0 / regions, device=device)
     masks[:, BACKGROUND] = 0.0
     return masks
 
@@ -68,16 +69,29 @@ def resize_masks(masks: torch.Tensor, src_hw: Size, dst_hw: Size, eps: float = 1
     return out / out.sum(dim=1, keepdim=True).clamp_min(eps)
 
 
+def area_pyramid(maps: torch.Tensor, latent_hw: Size, levels: Iterable[int]) -> Dict[Size, torch.Tensor]:
+    """Maps (B, R, N_latent) area-averaged to every level's grid -> {(h, w): (B, R, N_level)}.
+
+    Levels only shrink the latent grid; an area average of masks that sum to 1 over the channels
+    still sums to 1 and stays in [0, 1], and it is linear (weights can be applied before or after).
+    """
+    check_grid(latent_hw, maps.shape[-1])
+    batch, regions = maps.shape[:2]
+    grid = maps.float().reshape(batch * regions, 1, *latent_hw)  # (B*R, 1, h, w)
+    pyramid = {}
+    for level in sorted(set(levels)):
+        hw = downsampled_hw(latent_hw, level)
+        pooled = grid if hw == tuple(latent_hw) else F.adaptive_avg_pool2d(grid, hw)  # = interpolate "area"
+        pyramid[hw] = pooled.reshape(batch, regions, hw[0] * hw[1])  # (B, R, N_level)
+    return pyramid
+
+
 def mask_pyramid(
     masks: torch.Tensor, latent_hw: Size, levels: Iterable[int],
 ) -> Dict[Tuple[int, int], torch.Tensor]:
     """Region masks (B, R, N_level) for every level's grid, keyed by (h, w); background dropped."""
     check_grid(latent_hw, masks.shape[-1])
-    pyramid = {}
-    for level in sorted(set(levels)):
-        hw = downsampled_hw(latent_hw, level)
-        pyramid[hw] = resize_masks(masks, latent_hw, hw)[:, BACKGROUND + 1:]  # (B, R, N_level)
-    return pyramid
+    return area_pyramid(masks[:, BACKGROUND + 1:], latent_hw, levels)
 
 
 def merge_maps(maps: Iterable[Tuple[Size, torch.Tensor]], dst_hw: Size) -> torch.Tensor:

@@ -59,7 +59,7 @@ def capture_region_maps(
     # zero-width image tokens are not allowed: one zero token per layer, weight 0, adds exactly 0
     kv = [(torch.zeros(1, 1, 1, layer.inner_dim), torch.zeros(1, 1, 1, layer.inner_dim)) for layer in layers]
     state = RegionState(kv=kv, weights=torch.zeros(1), map_layers=frozenset(l.index for l in chosen),
-                        token_groups=[list(g) for g in token_groups], after_call=keep_maps)
+                        token_groups=[list(g) for g in token_groups], after_call=keep_maps, add_term=False)
     session = HookSession(root=unet)
     plan_region_hooks(session, unet, layers, state)
     with session, torch.no_grad():

@@ -199,3 +199,50 @@ def test_reference_segmentation_runs_once_and_is_deterministic(unet, layers):
     assert maps.shape == (3, *LATENT) and result.masks.shape == (3, *LATENT)
     again, maps2 = segment_reference(unet, layers, run, LATENT, [list(g) for g in GROUPS])
     assert torch.equal(maps, maps2)
+
+
+class _DeviceTraffic(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records operators that mix host tensors with device tensors (a copy between them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+        out = func(*args, **(kwargs or {}))
+        tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor) and t.ndim > 0]
+        if len({t.device.type for t in tensors}) > 1:
+            self.ops.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("mode,regions", [("soft", 3), ("hard", 3), ("soft", 0)])
+def test_steady_steps_move_nothing_between_host_and_device(mode, regions):
+    """On a device UNet (meta: any read of a value would raise), a step after the first two copies
+    nothing from the host beyond what the plain UNet copies itself, and never reads a value back."""
+    device_unet = sd15_unet(32, CTX, seed=11).to("meta")
+    layers = find_attn2_layers(device_unet)
+    gen = torch.Generator().manual_seed(12)
+    ip = [(torch.randn(l.inner_dim, CTX, generator=gen), torch.randn(l.inner_dim, CTX, generator=gen))
+          for l in layers]
+    config = FusionConfig(weight=0.8, region_weights=(1.0, 0.7, 1.2)[:regions], mode=mode)
+    tokens = torch.randn(max(regions, 1), 4, CTX, generator=gen)
+    fusion = FusionSession(device_unet, layers, ip, tokens, torch.randn(4, CTX, generator=gen), config)
+    x, t, ctx = (torch.empty(4, 4, *LATENT, device="meta"), torch.empty(4, device="meta"),
+                 torch.empty(4, T_TEXT, CTX, device="meta"))
+    traffic = []
+    with torch.no_grad():
+        plain = _DeviceTraffic()
+        with plain:
+            device_unet(x, timesteps=t, context=ctx)
+        with fusion:
+            fusion.begin_pass(LATENT, 10)
+            for step in range(4):
+                watch = _DeviceTraffic()
+                with watch:
+                    fusion.begin_step(step, cfg_plan())
+                    device_unet(x, timesteps=t, context=ctx)
+                traffic.append(watch.ops)
+    assert fusion.calls_with_adapter == 4
+    assert traffic[2] == traffic[3] == plain.ops  # the first steps copy keys/values and weights once

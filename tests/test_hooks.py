@@ -114,6 +114,28 @@ def chunked_q_forward(self, x, context=None, mask=None, **kwargs):
     return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
+def functional_out_forward(self, x, context=None, mask=None, **kwargs):
+    """A forward that applies to_out's weights with F.linear: our to_out[0] pre-hook cannot fire."""
+    h = self.heads
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    b, n, c = q.shape
+    q, k, v = (t.view(b, -1, h, c // h).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    return F.linear(out, self.to_out[0].weight, self.to_out[0].bias)
+
+
+def chunked_out_forward(self, x, context=None, mask=None, **kwargs):
+    """A forward that projects the attention output in two halves: no to_out[0] call sees all of it."""
+    h = self.heads
+    context = x if context is None else context
+    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+    b, n, c = q.shape
+    q, k, v = (t.view(b, -1, h, c // h).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    return torch.cat([self.to_out(out[:, : n // 2]), self.to_out(out[:, n // 2:])], dim=1)
+
+
 @contextlib.contextmanager
 def class_forward(fn):
     """Swap CrossAttention.forward at class level, as the WebUI's optimisations do."""
@@ -157,8 +179,9 @@ def _attn2(unet):
     return [l.module for l in find_attn2_layers(unet)]
 
 
-@pytest.mark.parametrize("fn", [webui_sdp_forward, f_linear_forward, chunked_q_forward],
-                         ids=["webui_sdp", "no_to_q_call", "to_q_twice"])
+@pytest.mark.parametrize("fn", [webui_sdp_forward, f_linear_forward, chunked_q_forward, functional_out_forward,
+                                chunked_out_forward],
+                         ids=["webui_sdp", "no_to_q_call", "to_q_twice", "no_to_out_call", "to_out_in_halves"])
 def test_class_forward_swaps_apply_delta_once(unet, inputs, baseline, fn):
     plain, hooked = baseline
     _, state = _state(unet)
@@ -384,3 +407,31 @@ def test_install_remove_aliases(unet):
     session.remove()
     session.remove()  # idempotent
     assert not session.active and len(unet.input_blocks[1]._forward_hooks) == 0
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators dispatched, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def test_term_rides_on_the_hosts_out_projection(unet, inputs):
+    """With a host that calls to_out[0], the term is added before it: no extra C x C matmul."""
+    _, state = _state(unet)
+    x, t, ctx = inputs
+    with class_forward(webui_sdp_forward):
+        plain_ops, hooked_ops = _Ops(), _Ops()
+        with torch.no_grad(), plain_ops:
+            unet(x, timesteps=t, context=ctx)
+        session = session_for(unet, state)
+        with torch.no_grad(), session, hooked_ops:
+            unet(x, timesteps=t, context=ctx)
+    dense = ("aten.mm", "aten.addmm", "aten.linear")
+    assert [n for n in hooked_ops.names if n in dense] == [n for n in plain_ops.names if n in dense]
+    assert hooked_ops.names.count("aten.baddbmm") == 16  # one fused (values @ probs + output) per layer
