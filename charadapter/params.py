@@ -4,12 +4,15 @@ Every number the user sees is checked here once, with an error that names the fi
 sampling hot path then trusts these values.
 """
 
+import base64
+import binascii
 import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import CharacterAdapterError
+from .errors import CharacterAdapterError, ImageInputError
+from .images import load_image
 
 MAX_REGIONS = 4
 MAX_PHRASE_CHARS = 200
@@ -37,7 +40,7 @@ class Region:
 @dataclass(frozen=True)
 class Params:
     enabled: bool = False
-    image: Any = None  # PIL image, numpy array, bytes or base64 text; decoded by the host
+    image: Any = None  # PIL image or numpy array (UI); base64 text or bytes (API) are decoded by validated()
     model: str = ""
     encoder: str = ""  # "" = the encoder that matches the adapter
     weight: float = 0.8
@@ -57,9 +60,11 @@ class Params:
     def validated(self) -> "Params":
         """Return a copy with every field checked and normalised; raise ParamError otherwise."""
         regions = _validate_regions(self.regions)
+        enabled = _as_bool("enabled", self.enabled)
         return replace(
             self,
-            enabled=_as_bool("enabled", self.enabled),
+            enabled=enabled,
+            image=_as_image("image", self.image) if enabled else self.image,
             model=_as_name("model", self.model),
             encoder=_auto_encoder(_as_name("encoder", self.encoder)),
             weight=_as_float("weight", self.weight, 0.0, 2.0),
@@ -83,18 +88,25 @@ class Params:
 
     @classmethod
     def from_args(cls, args: Sequence[Any]) -> "Params":
-        """Build from the script's positional args (UI order) or from one dict (API)."""
+        """Build from the script's positional args (UI order) or from a dict in the first slot (API).
+
+        The WebUI API copies the UI defaults into every slot and then the request's args from
+        the first slot on, so `{"args": [{...}]}` arrives as the dict followed by 24 defaults:
+        a dict first means the API form and the rest is ignored. A shorter positional list
+        keeps the UI defaults for the missing values, as the API does.
+        """
         args = list(args)
-        if len(args) == 1 and isinstance(args[0], Mapping):
-            return cls.from_dict(args[0])
-        if len(args) == 0:
+        if not args:
             return cls()
-        if len(args) != len(ARG_NAMES):
+        if isinstance(args[0], Mapping):
+            return cls.from_dict(args[0])
+        if len(args) > len(ARG_NAMES):
             raise ParamError(
                 "args",
-                f"expected {len(ARG_NAMES)} positional values ({', '.join(ARG_NAMES)}) "
+                f"expected at most {len(ARG_NAMES)} positional values ({', '.join(ARG_NAMES)}) "
                 f"or one dict, got {len(args)}",
             )
+        args += UI_DEFAULT_ARGS[len(args):]
         values = dict(zip(ARG_NAMES, args))
         regions = []
         for slot in range(MAX_REGIONS):
@@ -122,7 +134,7 @@ class Params:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "Params":
         """Build from the API's dict form; unknown keys are an error that names them."""
-        unknown = sorted(set(data) - set(DICT_KEYS))
+        unknown = sorted(str(key) for key in set(data) - set(DICT_KEYS))
         if unknown:
             raise ParamError(unknown[0], f"unknown key; accepted keys: {', '.join(DICT_KEYS)}")
         values = dict(data)
@@ -130,11 +142,40 @@ class Params:
             _check_api_type(key, value)
         values.setdefault("enabled", True)
         if "regions" in values:
-            values["regions"] = _regions_from_json("regions", values["regions"])
+            values["regions"] = _regions_from_json("regions", values["regions"], strict=True)
         params = cls(**values).validated()
         if params.enabled and params.image is None:
             raise ParamError("image", "required when enabled (base64 PNG/JPEG/WebP)")
+        if params.enabled and not params.model:
+            raise ParamError("model", "required when enabled: an adapter name from GET /character-adapter/models")
         return params
+
+    # ---- X/Y/Z plot cells ------------------------------------------------------------------
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> "Params":
+        """These settings with an X/Y/Z cell's values on top, validated like any other input.
+
+        Keys are field names of OVERRIDABLE, plus "region_weights": one weight per region, in order.
+        """
+        if not overrides:
+            return self
+        values = dict(overrides)
+        region_weights = values.pop("region_weights", None)
+        unknown = sorted(set(values) - set(OVERRIDABLE))
+        if unknown:
+            raise ParamError(unknown[0], f"cannot be set per X/Y/Z cell; these can: {', '.join(OVERRIDABLE)}")
+        params = replace(self, **values)
+        if region_weights is not None:
+            weights = tuple(region_weights)
+            if len(weights) != len(params.regions):
+                raise ParamError(
+                    "region weights",
+                    f"{len(weights)} weight(s) for {len(params.regions)} region(s) "
+                    f"({', '.join(r.reference_phrase for r in params.regions) or 'none: the whole image'})",
+                )
+            params = replace(params, regions=tuple(
+                replace(region, weight=weight) for region, weight in zip(params.regions, weights)))
+        return params.validated()
 
     # ---- infotext ------------------------------------------------------------------------
 
@@ -194,6 +235,10 @@ ARG_NAMES = SCALAR_NAMES + tuple(
     for part in ("reference_phrase", "phrase", "weight")
 )
 DICT_KEYS = SCALAR_NAMES + ("regions",)
+# what an X/Y/Z axis may change per cell (besides "region_weights")
+OVERRIDABLE = ("model", "weight", "start", "end", "fusion", "temperature", "timestep")
+# the panel's defaults (ui() shows an empty generation phrase for "same as the reference"; both parse alike)
+UI_DEFAULT_ARGS = tuple(Params().to_args())
 
 
 # ---- field checks ---------------------------------------------------------------------------
@@ -280,13 +325,55 @@ def _as_name(name: str, value: Any) -> str:
     return text
 
 
+def _as_image(name: str, value: Any) -> Any:
+    """API images (base64 text, optionally a data:image/...;base64, URL) decoded to RGB; others as given.
+
+    Text is never taken as a file path or fetched as a URL: it comes from HTTP clients.
+    """
+    if isinstance(value, str):
+        value = _base64_payload(name, value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        if not len(value):
+            raise ParamError(name, "the image data is empty (0 bytes)")
+        try:
+            return load_image(bytes(value))
+        except ImageInputError as err:
+            raise ParamError(name, f"cannot be decoded: {err}") from None
+    return value
+
+
+def _base64_payload(name: str, text: str) -> bytes:
+    text = text.strip()
+    if not text:
+        raise ParamError(name, "empty; expected a base64 PNG/JPEG/WebP (a data:image/...;base64, prefix is allowed)")
+    if text.startswith("data:"):
+        header, comma, text = text.partition(",")
+        if not comma or not header.startswith("data:image/") or ";base64" not in header:
+            raise ParamError(name, f"expected a data:image/...;base64, URL, got {header[:40]!r}")
+    elif text.startswith(("http://", "https://")):
+        raise ParamError(name, "URLs are not fetched; send the image itself as base64")
+    compact = "".join(text.split()).replace("-", "+").replace("_", "/")  # url-safe alphabet too
+    if not compact:
+        raise ParamError(name, "the data URL has no base64 payload")
+    try:
+        data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ParamError(name, f"not base64 (starts with {compact[:20]!r}); file paths are not accepted") from None
+    if not data:
+        raise ParamError(name, "the base64 text decodes to 0 bytes")
+    return data
+
+
 def _auto_encoder(name: str) -> str:
     """The UI lists "Auto" among the encoders: it means the one the adapter needs ("")."""
     return "" if name.lower() == "auto" else name
 
 
-def _regions_from_json(name: str, value: Any) -> Tuple[Region, ...]:
-    """Regions from a list of dicts (API) or of [reference, phrase, weight] (infotext JSON)."""
+def _regions_from_json(name: str, value: Any, strict: bool = False) -> Tuple[Region, ...]:
+    """Regions from a list of dicts (API) or of [reference, phrase, weight] (infotext JSON).
+
+    `strict` (the API): a weight must be a JSON number, as for the top-level numbers.
+    """
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -307,6 +394,8 @@ def _regions_from_json(name: str, value: Any) -> Tuple[Region, ...]:
             ref = _as_text(f"{label}.reference_phrase", item.get("reference_phrase"))
             phrase = _as_text(f"{label}.phrase", item.get("phrase")) or ref
             weight = item.get("weight", 1.0)
+            if strict and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+                raise ParamError(f"{label}.weight", f"expected a number, got {weight!r}")
         elif isinstance(item, (list, tuple)) and len(item) == 3:
             ref = _as_text(f"{label}[0]", item[0])
             phrase = _as_text(f"{label}[1]", item[1]) or ref

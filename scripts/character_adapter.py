@@ -9,7 +9,9 @@ _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-from charadapter.webui.script import TITLE, ScriptHooks  # noqa: E402
+from charadapter.webui.script import TITLE, ScriptHooks, register_callbacks  # noqa: E402
+
+register_callbacks()
 
 
 class CharacterAdapterScript(scripts.Script):

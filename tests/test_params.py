@@ -1,13 +1,25 @@
+import base64
+import io
 import json
 import math
 
 import pytest
+from PIL import Image
 
-from charadapter.params import ARG_NAMES, MAX_REGIONS, ParamError, Params, Region
+from charadapter.params import ARG_NAMES, MAX_REGIONS, UI_DEFAULT_ARGS, ParamError, Params, Region
+
+
+def png(size=(8, 6), colour=(200, 30, 30)):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+PNG = png()
 
 
 def api(**kwargs):
-    data = {"image": "iVBORw0KGgo="}
+    data = {"image": PNG, "model": "ip-adapter_sd15.safetensors"}
     data.update(kwargs)
     return data
 
@@ -49,6 +61,56 @@ def test_single_dict_arg_is_the_api_form():
     params = Params.from_args([api(fusion="HARD", crop="box", timestep=500)])
     assert params.enabled and params.fusion == "hard" and params.crop == "box"
     assert params.timestep == 500
+
+
+def test_dict_in_the_first_slot_ignores_the_ui_defaults_after_it():
+    """The WebUI API fills every slot with the UI defaults, then puts args[i] at args_from + i."""
+    args = [api(weight=0.3, regions=[])] + list(UI_DEFAULT_ARGS[1:])
+    params = Params.from_args(args)
+    assert params.weight == 0.3 and params.regions == ()
+    assert params.image.size == (8, 6) and params.image.mode == "RGB"
+
+
+def test_short_positional_list_keeps_the_ui_defaults():
+    params = Params.from_args([True, PNG, "ip-adapter_sd15.safetensors", "", 0.5])
+    assert params.enabled and params.model == "ip-adapter_sd15.safetensors" and params.weight == 0.5
+    assert params.regions == Params().regions and params.timestep == Params().timestep
+    assert len(UI_DEFAULT_ARGS) == len(ARG_NAMES)
+
+
+def test_base64_with_and_without_data_url_prefix_decode_alike():
+    plain = Params.from_dict(api(image=PNG)).image
+    url = Params.from_dict(api(image="data:image/png;base64," + PNG)).image
+    wrapped = Params.from_dict(api(image="\n".join(PNG[i:i + 20] for i in range(0, len(PNG), 20)))).image
+    assert plain.tobytes() == url.tobytes() == wrapped.tobytes()
+    assert plain.getpixel((0, 0)) == (200, 30, 30)
+
+
+def test_image_is_decoded_only_when_enabled():
+    assert Params.from_dict({"enabled": False, "image": "not an image"}).image == "not an image"
+
+
+def test_overrides_replace_settings_and_region_weights_in_order():
+    params = Params.from_dict(api())
+    cell = params.with_overrides({"weight": 0.0, "fusion": "hard", "region_weights": (0.5, 1.0, 0.0)})
+    assert cell.weight == 0.0 and cell.fusion == "hard"
+    assert [r.weight for r in cell.regions] == [0.5, 1.0, 0.0]
+    assert [r.reference_phrase for r in cell.regions] == [r.reference_phrase for r in params.regions]
+    assert params.with_overrides({}) is params
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"weight": 3.0}, "weight"),
+    ({"start": 1.0}, "start"),
+    ({"timestep": 0}, "timestep"),
+    ({"region_weights": (1.0,)}, "region weights"),
+    ({"region_weights": (1.0, 1.0, -1.0)}, "regions[2].weight"),
+    ({"crop": "box"}, "crop"),
+])
+def test_bad_overrides_name_their_field(overrides, field):
+    with pytest.raises(ParamError) as info:
+        Params.from_dict(api()).with_overrides(overrides)
+    assert info.value.field == field
 
 
 def test_no_args_is_disabled_default():
@@ -94,8 +156,19 @@ MALFORMED = [
     ({"model": "/etc/passwd"}, "model"),
     ({"encoder": "..\\clip"}, "encoder"),
     ({"model": 5}, "model"),
+    ({"model": ""}, "model"),
     ({"image": None}, "image"),
     ({"image": 12}, "image"),
+    ({"image": ""}, "image"),
+    ({"image": "   "}, "image"),
+    ({"image": "!!!"}, "image"),
+    ({"image": "aGVsbG8="}, "image"),
+    ({"image": "data:image/png;base64,"}, "image"),
+    ({"image": "data:image/png," + PNG}, "image"),
+    ({"image": "README.md"}, "image"),
+    ({"image": "http://localhost/a.png"}, "image"),
+    ({"image": PNG[: len(PNG) // 2]}, "image"),
+    ({"regions": [{"reference_phrase": "face", "weight": "1"}]}, "regions[0].weight"),
     ({"regions": "face"}, "regions"),
     ({"regions": [{"reference_phrase": ""}]}, "regions[0].reference_phrase"),
     ({"regions": [{"phrase": "face"}]}, "regions[0].reference_phrase"),
@@ -117,9 +190,9 @@ def test_malformed_api_input_names_its_field(override, field):
     assert field in str(info.value)
 
 
-def test_wrong_positional_count_is_an_error():
-    with pytest.raises(ParamError, match="expected 25 positional values"):
-        Params.from_args([True, None, "m"])
+def test_too_many_positional_values_is_an_error():
+    with pytest.raises(ParamError, match="expected at most 25 positional values"):
+        Params.from_args(list(UI_DEFAULT_ARGS) + [1])
 
 
 def test_image_required_only_when_enabled():

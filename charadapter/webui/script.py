@@ -5,7 +5,7 @@ from typing import Any, List
 from modules import script_callbacks
 
 from ..errors import CharacterAdapterError
-from . import models, ui
+from . import api, models, ui, xyz
 from .runtime import Controller
 
 TITLE = "Character-Adapter"
@@ -58,4 +58,16 @@ class ScriptHooks:
         self.controller.postprocess(p, processed)
 
 
-script_callbacks.on_ui_settings(models.add_settings)
+def register_callbacks() -> None:
+    """Module-level callbacks; called each time the WebUI imports our script file.
+
+    The WebUI clears every callback before it (re)loads the scripts (modules/scripts.py
+    load_scripts) but this package stays imported, so registering at its import would be lost
+    on "Reload UI". Each callback is removed first, so a second call adds no duplicate.
+    """
+    for register, callback in ((script_callbacks.on_ui_settings, models.add_settings),
+                               (script_callbacks.on_app_started, api.on_app_started),
+                               (script_callbacks.on_before_ui, xyz.add_axes)):
+        script_callbacks.remove_callbacks_for_function(callback)
+        register(callback)
+    xyz.add_axes()  # now too: with --nowebui the UI (xyz's axis list copy) is built before on_before_ui

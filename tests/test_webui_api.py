@@ -1,0 +1,214 @@
+"""The HTTP API in the WebUI double: /sdapi/v1/txt2img|img2img with alwayson_scripts, and our model route.
+
+The double's modules/api mirrors v1.10.1's Api.init_script_args: the request's args are copied over
+the UI defaults from args_from on, so the script always receives all 25 values.
+"""
+
+import base64
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from webui_host import ROOT, errors, generate, ours, pixels, reference_image, runtime, tiny_clip  # sets sys.path
+from webui_api_host import ADAPTER_NAME, ENCODER_NAME, api_only_app, b64_png, install_listed_models
+from charadapter.params import ARG_NAMES, Params
+from charadapter.webui import api as ca_api, models, script as script_module
+from modules import script_callbacks, scripts
+
+SIZE = dict(steps=2, width=64, height=64, sampler_name="Euler", seed=7, negative_prompt="")
+PROMPT = "a face, upper body, lower body, standing"
+
+
+@pytest.fixture
+def client(host, monkeypatch):
+    runner, script = host
+    install_listed_models(script, monkeypatch)
+    app, api = api_only_app()
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        test_client.api = api
+        yield test_client
+
+
+def txt2img(client, args, **extra):
+    payload = dict(prompt=PROMPT, **SIZE, alwayson_scripts={"Character-Adapter": {"args": args}})
+    payload.update(extra)
+    return client.post("/sdapi/v1/txt2img", json=payload)
+
+
+def decoded(response, index=0):
+    data = response.json()["images"][index]
+    image = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+    return torch.from_numpy(np.asarray(image, dtype=np.float32))
+
+
+def spy_args(monkeypatch):
+    """Record the args tuple each from_args call gets (what the script receives)."""
+    seen = []
+    original = Params.from_args.__func__
+
+    def from_args(cls, args):
+        seen.append(tuple(args))
+        return original(cls, args)
+
+    monkeypatch.setattr(Params, "from_args", classmethod(from_args))
+    return seen
+
+
+# ---------------------------------------------------------------- accepted forms
+
+
+def test_dict_arrives_first_among_ui_defaults_and_equals_the_ui_form(client, host, monkeypatch, sd_model):
+    runner, script = host
+    seen = spy_args(monkeypatch)
+    response = txt2img(client, [{"image": b64_png(reference_image()), "model": ADAPTER_NAME}])
+    assert response.status_code == 200, response.text
+    args = seen[0]
+    assert len(args) == len(ARG_NAMES) == 25
+    ui_defaults = client.api.default_script_arg_txt2img[script.args_from:script.args_to]
+    assert isinstance(args[0], dict) and list(args[1:]) == ui_defaults[1:]
+    info = json.loads(response.json()["info"])
+    assert info["extra_generation_params"]["Character-Adapter model"] == ADAPTER_NAME
+    assert "Character-Adapter weight: 0.8" in info["infotexts"][0]
+    # the same settings from the panel (the runtime's other cache key holds equal tiny weights)
+    monkeypatch.setattr(script.hooks.controller, "resolve_model",
+                        lambda kind, name: {"adapter": "tiny-adapter", "encoder": "tiny-encoder"}[kind])
+    runtime.ENCODER_CACHE.put("tiny-encoder", tiny_clip())
+    _, panel = generate(script, runner, **{k: v for k, v in SIZE.items() if k != "negative_prompt"})
+    assert torch.equal(decoded(response), pixels(panel))
+    assert ours(sd_model.model.diffusion_model) == 0
+
+
+def test_short_positional_list_keeps_ui_defaults_and_data_url_works(client, monkeypatch):
+    seen = spy_args(monkeypatch)
+    image = b64_png(reference_image(), data_url=True)
+    short = txt2img(client, [True, image, ADAPTER_NAME])
+    as_dict = txt2img(client, [{"image": image, "model": ADAPTER_NAME}])
+    plain = txt2img(client, [])
+    assert short.status_code == as_dict.status_code == plain.status_code == 200, short.text
+    assert len(seen[0]) == 25 and seen[0][:3] == (True, image, ADAPTER_NAME)
+    assert torch.equal(decoded(short), decoded(as_dict))
+    assert not torch.equal(decoded(short), decoded(plain))
+    assert "Character-Adapter" not in json.loads(plain.json()["info"])["infotexts"][0]
+
+
+def test_regions_empty_is_one_global_region_and_disabled_dict_is_plain(client):
+    image = b64_png(reference_image())
+    whole = txt2img(client, [{"image": image, "model": ADAPTER_NAME, "regions": []}])
+    regional = txt2img(client, [{"image": image, "model": ADAPTER_NAME}])
+    off = txt2img(client, [{"enabled": False}])
+    plain = txt2img(client, [])
+    assert {whole.status_code, regional.status_code, off.status_code, plain.status_code} == {200}
+    assert not torch.equal(decoded(whole), decoded(regional))
+    assert torch.equal(decoded(off), decoded(plain))
+    info = json.loads(whole.json()["info"])["extra_generation_params"]
+    assert info["Character-Adapter regions"] == "[]"
+
+
+def test_img2img_route_takes_the_same_args(client):
+    init = b64_png(Image.new("RGB", (64, 64), (120, 90, 60)))
+    payload = dict(prompt=PROMPT, **SIZE, init_images=[init], denoising_strength=0.6)
+    with_adapter = client.post("/sdapi/v1/img2img", json={
+        **payload, "alwayson_scripts": {"character-adapter": {"args": [{"image": b64_png(reference_image()),
+                                                                        "model": ADAPTER_NAME}]}}})
+    without = client.post("/sdapi/v1/img2img", json=payload)
+    assert with_adapter.status_code == without.status_code == 200, with_adapter.text
+    assert not torch.equal(decoded(with_adapter), decoded(without))
+
+
+# ---------------------------------------------------------------- malformed input: the request fails, naming the field
+
+GOOD = {"image": None, "model": ADAPTER_NAME}  # image filled in per test
+MALFORMED = [
+    ({"nonsense": 1}, "nonsense"),
+    ({"weight": "0.5"}, "weight"),
+    ({"weight": 2.5}, "weight"),
+    ({"weight": None}, "weight"),
+    ({"start": 0.9, "end": 0.1}, "start"),
+    ({"end": -1}, "end"),
+    ({"temperature": 0}, "temperature"),
+    ({"timestep": 1000}, "timestep"),
+    ({"timestep": 12.5}, "timestep"),
+    ({"fusion": "blend"}, "fusion"),
+    ({"crop": "centre"}, "crop"),
+    ({"enabled": "yes"}, "enabled"),
+    ({"show_masks": "no"}, "show_masks"),
+    ({"image": ""}, "image"),
+    ({"image": "not base64 at all!"}, "image"),
+    ({"image": "aGVsbG8gd29ybGQ="}, "image"),  # base64 of "hello world": not an image
+    ({"image": "data:image/png;base64,"}, "image"),
+    ({"image": "data:text/plain;base64,aGVsbG8="}, "image"),
+    ({"image": "/etc/hostname"}, "image"),  # a path is never opened
+    ({"image": "https://example.com/a.png"}, "image"),
+    ({"image": 5}, "image"),
+    ({"model": "../x.safetensors"}, "model"),
+    ({"model": "/abs/ip-adapter.bin"}, "model"),
+    ({"model": "not-listed.safetensors"}, "model"),
+    ({"model": ["a"]}, "model"),
+    ({"model": ""}, "model"),
+    ({"encoder": "..\\clip"}, "encoder"),
+    ({"encoder": "missing-encoder"}, "encoder"),
+    ({"regions": {"reference_phrase": "face"}}, "regions"),
+    ({"regions": [{"reference_phrase": "face", "weight": "1"}]}, "regions[0].weight"),
+    ({"regions": [{"reference_phrase": "face", "size": 2}]}, "regions[0].size"),
+    ({"regions": [{"phrase": "face"}]}, "regions[0].reference_phrase"),
+    ({"regions": [{"reference_phrase": f"r{i}"} for i in range(5)]}, "regions"),
+]
+
+
+def test_malformed_requests_fail_and_name_their_field(client, monkeypatch, sd_model):
+    """One client for all cases (each request fails at the first UNet call, so this stays cheap)."""
+    opened = []
+    monkeypatch.setattr(runtime, "load_ip_adapter", lambda path: opened.append(path))
+    image = b64_png(reference_image())
+    unet = sd_model.model.diffusion_model
+    problems = []
+    for override, field in MALFORMED:
+        response = txt2img(client, [{**GOOD, "image": image, **override}])
+        body = response.json()
+        if response.status_code != 500 or "images" in body:  # nothing may be generated without the adapter
+            problems.append((override, response.status_code, "generated"))
+        elif body["error"] != "CharacterAdapterError" or f"Character-Adapter: {field}:" not in body["errors"]:
+            problems.append((override, body))
+        elif ours(unet) != 0:  # the failed run leaves nothing on the model
+            problems.append((override, "hooks", ours(unet)))
+    assert not problems, problems
+    assert opened == []  # no model file was opened: names are looked up in the listing, never joined into paths
+    assert txt2img(client, []).status_code == 200
+    assert ours(unet) == 0
+
+
+def test_at_least_twenty_malformed_inputs():
+    assert len(MALFORMED) >= 20 and len({f for _, f in MALFORMED}) >= 15
+
+
+# ---------------------------------------------------------------- model listing route
+
+
+def test_models_route_lists_the_names_the_keys_accept(client):
+    response = client.get("/character-adapter/models")
+    assert response.status_code == 200
+    assert response.json() == {"adapters": [ADAPTER_NAME], "encoders": [ENCODER_NAME]}
+    assert client.get("/character-adapter/models", params={"refresh": "true"}).json()["adapters"] == [ADAPTER_NAME]
+
+
+def test_models_route_is_added_once_per_app_and_callbacks_once_per_load(client, host):
+    app = client.app
+    script_callbacks.app_started_callback(None, app)  # a second call must not add a second route
+    assert [r.path for r in app.routes].count(ca_api.MODELS_ROUTE) == 1
+
+    def registered():
+        return [c for c in script_callbacks.callback_map["callbacks_app_started"] if c.callback is ca_api.on_app_started]
+
+    assert len(registered()) == 1
+    script_module.register_callbacks()  # called again without a reload in between
+    assert len(registered()) == 1
+    scripts.load_scripts([(ROOT, os.path.join(ROOT, "scripts", "character_adapter.py"))])  # "Reload UI"
+    assert len(registered()) == 1
+    assert [c.callback for c in script_callbacks.callback_map["callbacks_ui_settings"]].count(models.add_settings) == 1
+    assert not [m for k, m in errors.reported if "character" in m.lower()]
