@@ -52,9 +52,30 @@ def test_error_stops_generation_instead_of_silently_skipping(host, sd_model, mon
                         lambda kind, name: (_ for _ in ()).throw(runtime.CharacterAdapterError("no such model")))
     with pytest.raises(runtime.CharacterAdapterError, match="no such model"):
         generate(script, runner)
-    # the crashed run skipped postprocess; the next run start clears what it left
-    assert ours(sd_model.model.diffusion_model) == 1
+    # the host skips postprocess after a crash: the guard on the CFG denoiser removed the error hook
+    assert ours(sd_model.model.diffusion_model) == 0
     monkeypatch.undo()
     before = plain(runner, script)
     assert ours(sd_model.model.diffusion_model) == 0
     assert before.images
+
+
+def test_adapter_sweep_segments_the_reference_once(host, sd_model, monkeypatch):
+    """Masks depend on the model and the phrases, not the adapter: a second adapter re-encodes only."""
+    from charadapter.layers import find_attn2_layers
+    from webui_host import tiny_adapter
+
+    runner, script = host
+    second = tiny_adapter(find_attn2_layers(sd_model.model.diffusion_model), seed=11)
+    runtime.ADAPTER_CACHE.put("tiny-adapter-2", second)
+    paths = {"tiny-adapter": "tiny-adapter", "second": "tiny-adapter-2"}
+    monkeypatch.setattr(script.hooks.controller, "resolve_model",
+                        lambda kind, name: paths[name] if kind == "adapter" else "tiny-encoder")
+    passes = []
+    segment = runtime._segment
+    monkeypatch.setattr(runtime, "_segment", lambda *a, **k: passes.append(1) or segment(*a, **k))
+    _, first = generate(script, runner)
+    _, other = generate(script, runner, params=dict(model="second"))
+    assert len(passes) == 1
+    assert len(runtime.REFERENCE_CACHE) == 2
+    assert not torch.equal(pixels(first), pixels(other))

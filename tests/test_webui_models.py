@@ -1,8 +1,6 @@
 """Model folder discovery: which files are adapters / encoders, their names, and name -> path only."""
 import json
-import logging
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -10,7 +8,7 @@ from safetensors.numpy import save_file
 
 from charadapter.params import Params
 from charadapter.webui import models
-from charadapter.webui.models import ModelListing, VIT_BIGG, VIT_H
+from charadapter.webui.models import VIT_BIGG, VIT_H
 
 DOUBLE = os.path.join(os.path.dirname(__file__), "webui_double")
 
@@ -331,17 +329,114 @@ def test_webui_folders_from_the_host(tree, monkeypatch, fresh_cache, tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DOUBLE, "modules", "shared.py")), reason="WebUI test double absent")
-def test_add_settings_registers_the_folder_option(monkeypatch):
+def test_add_settings_registers_the_section_and_resizes_the_caches(monkeypatch):
     monkeypatch.syspath_prepend(DOUBLE)
     from modules import shared
 
+    from charadapter.webui import runtime
+
+    keys = (models.SETTING_EXTRA_FOLDERS, models.SETTING_SEGMENTATION_CACHE, models.SETTING_ADAPTERS_LOADED)
+    monkeypatch.setattr(runtime.SEGMENTATION_CACHE, "capacity", runtime.SEGMENTATION_CACHE.capacity)
+    monkeypatch.setattr(runtime.ADAPTER_CACHE, "capacity", runtime.ADAPTER_CACHE.capacity)
     try:
         models.add_settings()
-        info = shared.opts.data_labels[models.SETTING_EXTRA_FOLDERS]
-        assert info.default == "" and info.section == models.SETTINGS_SECTION
+        infos = [shared.opts.data_labels[key] for key in keys]
+        assert [info.default for info in infos] == ["", models.DEFAULT_SEGMENTATION_CACHE, models.DEFAULT_ADAPTERS_LOADED]
+        assert {info.section for info in infos} == {models.SETTINGS_SECTION}
+        # Settings -> Apply runs each changed option's onchange (modules/options.py (Options.set))
+        assert shared.opts.set(models.SETTING_SEGMENTATION_CACHE, 3) and runtime.SEGMENTATION_CACHE.capacity == 3
+        assert shared.opts.set(models.SETTING_ADAPTERS_LOADED, 0.0) and runtime.ADAPTER_CACHE.capacity == 0
     finally:
-        shared.opts.data_labels.pop(models.SETTING_EXTRA_FOLDERS, None)
-        shared.opts.data.pop(models.SETTING_EXTRA_FOLDERS, None)
+        for key in keys:
+            shared.opts.data_labels.pop(key, None)
+            shared.opts.data.pop(key, None)
+
+
+def test_cache_size_reads_what_settings_hold():
+    assert models.cache_size(4, 16) == 4 and models.cache_size("5", 16) == 5 and models.cache_size(2.0, 16) == 2
+    assert models.cache_size(-3, 16) == 0 and models.cache_size(10 ** 6, 16) == models.MAX_CACHE_SIZE
+    assert models.cache_size(None, 16) == 16 and models.cache_size("many", 2) == 2
+
+
+# ---------------------------------------------------------------- the runtime's use of them (host double)
+
+
+def prepare(script, **params):
+    """Controller.process alone (no sampling): validate, segment and encode the reference."""
+    from webui_host import args_for, processing
+
+    p = processing.StableDiffusionProcessingTxt2Img(prompt="a face", steps=1, width=64, height=64, sampler_name="Euler")
+    controller = script.hooks.controller
+    controller.process(p, args_for(script, **params)[script.args_from:script.args_to])
+    try:
+        assert controller.error is None and controller.generation is not None, controller.error
+    finally:
+        controller.end()
+    return p
+
+
+def test_runtime_caches_follow_the_settings(host, monkeypatch):
+    from modules import shared
+
+    from charadapter.webui import runtime
+
+    runner, script = host
+    monkeypatch.setattr(runtime.SEGMENTATION_CACHE, "capacity", runtime.SEGMENTATION_CACHE.capacity)
+    monkeypatch.setattr(runtime.ADAPTER_CACHE, "capacity", runtime.ADAPTER_CACHE.capacity)
+    segmented = []
+    original = runtime._segment
+    monkeypatch.setattr(runtime, "_segment", lambda *args: segmented.append(1) or original(*args))
+    shared.opts.data[models.SETTING_SEGMENTATION_CACHE] = 0  # config.json values are in opts.data from the start
+    prepare(script)
+    prepare(script)
+    assert len(segmented) == 2 and runtime.SEGMENTATION_CACHE.capacity == 0
+    shared.opts.data[models.SETTING_SEGMENTATION_CACHE] = 4
+    shared.opts.data[models.SETTING_ADAPTERS_LOADED] = 1
+    prepare(script)
+    prepare(script)
+    assert len(segmented) == 3 and runtime.SEGMENTATION_CACHE.capacity == 4 and runtime.ADAPTER_CACHE.capacity == 1
+
+
+@pytest.mark.parametrize("flag, back_to_cpu", [
+    (None, False), ("medvram", True), ("lowvram", True), ("medvram_sdxl", False), ("sd_model.lowvram", True),
+])
+def test_low_vram_modes_send_the_image_encoder_back_to_the_cpu(host, sd_model, monkeypatch, flag, back_to_cpu):
+    """--medvram / --lowvram keep only the running part on the GPU (modules/lowvram.py); there is no
+    GPU here, so a spy on the encoder's .to records the moves. --medvram-sdxl is for SDXL only."""
+    from modules import devices, shared
+
+    from charadapter.webui import runtime
+
+    runner, script = host
+    if flag == "sd_model.lowvram":  # what lowvram.setup_for_low_vram sets, whichever flag asked for it
+        monkeypatch.setattr(sd_model, "lowvram", True)
+    elif flag:
+        monkeypatch.setattr(shared.cmd_opts, flag, True)
+    clip = runtime.ENCODER_CACHE.get("tiny-encoder")
+    moves = []
+    monkeypatch.setattr(clip, "to", lambda *args, **kwargs: moves.append(args[0]) or clip)
+    prepare(script)
+    assert moves == ([devices.device, "cpu"] if back_to_cpu else [devices.device])
+
+
+def test_status_text_while_the_reference_is_prepared(host, monkeypatch):
+    """shared.state.textinfo is what the progress bar shows (modules/progress.py (progressapi))."""
+    from modules import shared
+
+    from charadapter.webui import runtime
+
+    runner, script = host
+    seen = []
+    segment, encode = runtime._segment, runtime.RegionEncoder.encode
+    monkeypatch.setattr(runtime, "_segment", lambda *args: seen.append(shared.state.textinfo) or segment(*args))
+    monkeypatch.setattr(runtime.RegionEncoder, "encode",
+                        lambda self, *args: seen.append(shared.state.textinfo) or encode(self, *args))
+    shared.state.textinfo = "Batch 1 out of 2"
+    prepare(script)
+    assert seen == ["Character-Adapter: segmenting the reference", "Character-Adapter: encoding the reference"]
+    assert shared.state.textinfo == "Batch 1 out of 2"
+    prepare(script)  # cached: nothing to show
+    assert len(seen) == 2 and shared.state.textinfo == "Batch 1 out of 2"
 
 
 def test_headers_without_wanted_keys_are_skimmed(tree):

@@ -52,10 +52,11 @@ def start_host(sd_model, tmp_path, monkeypatch):
     yield runner, script
     script_callbacks.clear_callbacks()
     runtime.SEGMENTATION_CACHE.clear()
+    runtime.REFERENCE_CACHE.clear()
 
 
-def tiny_adapter(layers):
-    gen = torch.Generator().manual_seed(4)
+def tiny_adapter(layers, seed=4):
+    gen = torch.Generator().manual_seed(seed)
     tokens = 4
     image_proj = {"proj.weight": torch.randn(tokens * TINY_CONTEXT_DIM, CLIP_DIM, generator=gen) * 0.3,
                   "proj.bias": torch.zeros(tokens * TINY_CONTEXT_DIM),
@@ -83,7 +84,8 @@ def reference_image():
 
 
 def args_for(script, **overrides):
-    params = Params(enabled=True, image=reference_image(), model="tiny-adapter", **overrides)
+    overrides.setdefault("model", "tiny-adapter")
+    params = Params(enabled=True, image=reference_image(), **overrides)
     values = params.to_args()
     full = [0] * script.args_to
     full[script.args_from:script.args_to] = values

@@ -52,6 +52,11 @@ MAX_CONFIG_BYTES = 1_000_000
 RESERVED_ENCODER_NAMES = ("auto",)  # the encoder dropdown's "Auto" entry
 
 SETTING_EXTRA_FOLDERS = "character_adapter_model_folders"
+SETTING_SEGMENTATION_CACHE = "character_adapter_segmentation_cache"
+SETTING_ADAPTERS_LOADED = "character_adapter_adapters_loaded"
+DEFAULT_SEGMENTATION_CACHE = 16  # segmented references (a few MB each: masks and region tokens)
+DEFAULT_ADAPTERS_LOADED = 2  # IP-Adapter weights in memory (SD1.5 ~ 40 MB to SDXL plus ~ 850 MB)
+MAX_CACHE_SIZE = 256
 SETTINGS_SECTION = ("character_adapter", "Character-Adapter")
 EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -461,13 +466,37 @@ def webui_folders() -> List[str]:
     return candidate_folders(paths.models_path, EXTENSION_DIR, cn_dirs, extra)
 
 
+def cache_size(value: Any, default: int) -> int:
+    """A cache size from Settings (a number, maybe as text or float); `default` when unusable."""
+    try:
+        size = int(float(value))
+    except (TypeError, ValueError):
+        return default
+    return min(max(size, 0), MAX_CACHE_SIZE)
+
+
+def _apply_cache_settings() -> None:
+    from . import runtime  # torch and the algorithm: only once the WebUI changes a setting
+
+    runtime.apply_cache_settings()
+
+
 def add_settings() -> None:
-    """Register the extra-folders setting; call from script_callbacks.on_ui_settings."""
+    """Register the Settings section; call from script_callbacks.on_ui_settings."""
+    import gradio as gr
     from modules import shared
 
     shared.opts.add_option(SETTING_EXTRA_FOLDERS, shared.OptionInfo(
         "", "Extra folders with IP-Adapter and CLIP image encoder files (one per line or ';'-separated; "
         "press 🔄 next to the model list after changing)", section=SETTINGS_SECTION))
+    shared.opts.add_option(SETTING_SEGMENTATION_CACHE, shared.OptionInfo(
+        DEFAULT_SEGMENTATION_CACHE, "Reference segmentations kept in memory (0 = segment every generation)",
+        gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}, onchange=_apply_cache_settings,
+        section=SETTINGS_SECTION))
+    shared.opts.add_option(SETTING_ADAPTERS_LOADED, shared.OptionInfo(
+        DEFAULT_ADAPTERS_LOADED, "IP-Adapter models kept loaded (0 = load from disk every generation)",
+        gr.Slider, {"minimum": 0, "maximum": 8, "step": 1}, onchange=_apply_cache_settings,
+        section=SETTINGS_SECTION))
 
 
 _lock = threading.RLock()

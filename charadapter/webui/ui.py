@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 AUTO = "Auto"  # the encoder dropdown's label for "" (the encoder that matches the adapter)
 REFRESH_SYMBOL = "\U0001f504"  # 🔄, as the WebUI's own refresh buttons (modules/ui_common.py)
+REFERENCE_HEIGHT = 240  # px: about the height of the controls beside it, whatever the image's aspect
 
 
 def tab_name(is_img2img: bool) -> str:
@@ -108,7 +109,7 @@ def build_ui(is_img2img: bool, listing_fn: Callable[[], Any],
             with gr.Column(scale=1, min_width=200):
                 c["image"] = gr.Image(
                     value=None, type="pil", source="upload", image_mode="RGBA", label="Reference image",
-                    elem_id=eid("image"), elem_classes=["charadapter-reference"],
+                    height=REFERENCE_HEIGHT, elem_id=eid("image"), elem_classes=["charadapter-reference"],
                 )
             with gr.Column(scale=2):
                 with FormRow(elem_id=eid("model_row")):
