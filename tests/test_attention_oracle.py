@@ -266,3 +266,31 @@ def test_text_attention_probs():
     assert torch.allclose(maps, phrase_maps(every, [[1, 2], [5]]), atol=1e-6)
     with pytest.raises(CharacterAdapterError, match="T=7 tokens"):
         text_attention_probs(q, k, 2, [7])
+
+
+def test_add_region_ip_fuses_base_and_weight():
+    """add_region_ip(base, alpha) == base + alpha * region_ip_delta; ip_heads keeps rows apart."""
+    from charadapter.attention import _coefficients, add_region_ip, ip_heads, region_ip_delta
+    gen = torch.Generator().manual_seed(9)
+    q, base = torch.randn(2, 10, 24, generator=gen), torch.randn(2, 10, 24, generator=gen)
+    keys, values = torch.randn(2, 2, 3, 24, generator=gen), torch.randn(2, 2, 3, 24, generator=gen)
+    masks = torch.rand(2, 2, 10, generator=gen)
+    delta = region_ip_delta(q, keys, values, 3, masks, torch.tensor([0.3, 1.4]))
+    ip = ip_heads(keys, values, 3)
+    assert ip.keys.shape == (2, 24, 3 * 3 * 2) and ip.values.shape == (2, 18, 24)  # (B, C, T*H*R)
+    coef = _coefficients(masks, torch.tensor([0.3, 1.4]), 2, 2, 10, q.device)
+    fused = add_region_ip(q, ip, coef, base=base, alpha=0.5)
+    assert torch.allclose(fused, base + 0.5 * delta, atol=1e-6)
+    assert torch.allclose(add_region_ip(q, ip, coef, alpha=0.5), 0.5 * delta, atol=1e-6)
+
+
+def test_text_maps_of_an_absent_phrase_are_zero():
+    from charadapter.attention import text_map_matrix, text_maps, text_region_maps
+    from charadapter.errors import CharacterAdapterError
+    gen = torch.Generator().manual_seed(10)
+    q, k = torch.randn(2, 9, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
+    maps = text_maps(q, k, 2, text_map_matrix([[1, 2], [], [5]], 7, 2, allow_empty=True))
+    assert maps.shape == (2, 3, 9) and (maps[:, 1] == 0).all()
+    assert torch.allclose(maps[:, [0, 2]], text_region_maps(q, k, 2, [[1, 2], [5]]), atol=1e-7)
+    with pytest.raises(CharacterAdapterError, match="at least one token"):
+        text_map_matrix([[1], []], 7, 2)

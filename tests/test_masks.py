@@ -126,3 +126,24 @@ def test_uniform_prior_and_merge():
     a = torch.rand(1, 2, 16)
     merged = merge_maps([((4, 4), a), ((2, 2), torch.ones(1, 2, 4))], (4, 4))
     assert torch.allclose(merged, (a + 1) / 2)
+
+
+@pytest.mark.parametrize("src,dst", [((8, 8), (3, 5)), ((4, 6), (9, 13)), ((8, 4), (4, 9)), ((5, 7), (5, 7))])
+def test_resize_never_overshoots(src, dst):
+    """Area and bilinear resizing are convex combinations: no clamp is needed to stay in range."""
+    from charadapter.geometry import resize_maps
+    maps = _maps(1, b=2, r=3, n=src[0] * src[1])
+    out = resize_maps(maps, src, dst)
+    assert out.shape == (2, 3, dst[0] * dst[1])
+    assert (out >= maps.amin(-1, keepdim=True) - 1e-6).all() and (out <= maps.amax(-1, keepdim=True) + 1e-6).all()
+
+
+def test_area_pyramid_is_linear_and_keeps_partition():
+    from charadapter.masks import area_pyramid
+    latent = (12, 10)
+    masks = soft_masks(_maps(4, n=120), 0.2, 0.4)  # (2, 4, N): background + 3 regions
+    weights = torch.tensor([0.5, 1.0, 2.0, 0.8]).view(1, 4, 1)
+    plain, weighted = area_pyramid(masks, latent, [0, 1, 2]), area_pyramid(masks * weights, latent, [0, 1, 2])
+    for hw, m in plain.items():
+        assert torch.allclose(m.sum(dim=1), torch.ones(2, hw[0] * hw[1]), atol=1e-5)
+        assert torch.allclose(weighted[hw], m * weights, atol=1e-6)
