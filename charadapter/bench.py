@@ -36,6 +36,7 @@ from PIL import Image
 
 from .cache import BoundedCache
 from .fusion import FusionConfig, FusionSession, RowPlan
+from .hooks import MarkedHook
 from .images import image_hash
 from .layers import find_attn2_layers
 from .reference import SEGMENTATION_SEED, noise_latent, segment_reference
@@ -181,7 +182,7 @@ class Runner:
         self.plan = cfg_plan()
         self.sessions = {mode: adapter.session(unet, layers, mode) for mode in MODES}
         self.steps = Counter()
-        self.last_cpu_ms = 0.0
+        self.last_hook_ms = 0.0
         for session in self.sessions.values():
             if session is not None:
                 session.install()
@@ -205,17 +206,22 @@ class Runner:
             session.detach_hooks()
 
     def step(self, mode: str) -> Tuple[float, torch.Tensor]:
-        """One denoiser step of `mode` -> (milliseconds, output); hooks attached outside the timing."""
+        """One denoiser step of `mode` -> (milliseconds, output); hooks attached outside the timing.
+
+        `last_hook_ms` is then the part of it spent in `begin_step` and inside our hooks.
+        """
         session = self.sessions[mode]
-        with self.hooked(mode), torch.no_grad():
+        clock = _HookClock()
+        with self.hooked(mode), torch.no_grad(), clock:
             _sync(self.device)
-            start, start_cpu = time.perf_counter(), time.process_time()
+            start = time.perf_counter()
             if session is not None:
                 session.begin_step(self.steps[mode], self.plan)
+            begin_ms = (time.perf_counter() - start) * 1000.0
             out = self.call()
             _sync(self.device)
             elapsed = (time.perf_counter() - start) * 1000.0
-            self.last_cpu_ms = (time.process_time() - start_cpu) * 1000.0  # this process's CPU time, all threads
+        self.last_hook_ms = begin_ms + clock.ms
         self.steps[mode] += 1
         return elapsed, out
 
@@ -226,6 +232,35 @@ class Runner:
 
 
 # ---- measurements --------------------------------------------------------------------------------
+
+
+class _HookClock:
+    """Wall time spent inside the extension's hooks (every one is a MarkedHook) while active.
+
+    On a CPU that is the time of our operators and our Python; on a GPU, where kernels run
+    asynchronously, it is the host time our hooks take to launch them.
+    """
+
+    def __init__(self):
+        self.ms = 0.0
+        self._original = None
+
+    def __enter__(self) -> "_HookClock":
+        original = self._original = MarkedHook.__call__
+        clock = self
+
+        def timed(hook, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(hook, *args, **kwargs)
+            finally:
+                clock.ms += (time.perf_counter() - start) * 1000.0
+
+        MarkedHook.__call__ = timed
+        return self
+
+    def __exit__(self, *exc) -> None:
+        MarkedHook.__call__ = self._original
 
 
 class ProjectionCounter:
@@ -392,26 +427,30 @@ def measure_size(runner: Runner, repeats: int, plan: Optional[Callable[[float], 
             log(f"  time budget: {fit} repeat(s) instead of {repeats} (a round takes ~{round_s:.0f} s)")
             repeats = fit
     times: Dict[str, List[float]] = {mode: [] for mode in MODES}
-    cpu_times: Dict[str, List[float]] = {mode: [] for mode in MODES}
+    in_step: Dict[str, List[float]] = {mode: [] for mode in MODES[1:]}
+    hook_ms: Dict[str, List[float]] = {mode: [] for mode in MODES[1:]}
     for r in range(repeats):
         order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
         got = {}
         for mode in order:
             got[mode] = runner.step(mode)[0]
-            cpu_times[mode].append(runner.last_cpu_ms)
+            if mode != "plain":  # the step against itself without our share: immune to drift between steps
+                hook_ms[mode].append(runner.last_hook_ms)
+                in_step[mode].append(got[mode] / max(got[mode] - runner.last_hook_ms, 1e-9))
         for mode in MODES:
             times[mode].append(got[mode])
-        log(f"  repeat {r + 1}: " + ", ".join(f"{m} {got[m]:.1f} ms" for m in MODES))
+        log(f"  repeat {r + 1}: " + ", ".join(f"{m} {got[m]:.1f} ms" for m in MODES)
+            + "; in our hooks: " + ", ".join(f"{m} {hook_ms[m][-1]:.1f} ms" for m in MODES[1:]))
 
-    def paired(mode: str, base: str, table=times) -> float:  # against the same repeat's base: drift cancels
-        return round(_median([a / b for a, b in zip(table[mode], table[base])]), 4)
+    def paired(mode: str, base: str) -> float:  # against the same repeat's base: drift cancels
+        return round(_median([a / b for a, b in zip(times[mode], times[base])]), 4)
 
     result.update({f"{mode}_ms": round(_median(times[mode]), 3) for mode in MODES})
     result.update({f"{mode}_ratio": paired(mode, "plain") for mode in MODES[1:]})
     for kind in ("soft", "hard"):
         result[f"three_vs_one_region_{kind}"] = paired(f"three_region_{kind}", "one_region")
-    if runner.device.type == "cpu":  # CPU time is less disturbed than wall time on a shared machine
-        result["cpu_time_ratios"] = {mode: paired(mode, "plain", cpu_times) for mode in MODES[1:]}
+    result["hook_ms"] = {mode: round(_median(hook_ms[mode]), 3) for mode in MODES[1:]}
+    result["in_step_ratios"] = {mode: round(_median(in_step[mode]), 4) for mode in MODES[1:]}
     result["repeats"] = repeats
     result["step_s"] = round(round_s / len(MODES), 2)
     result["projection_calls"] = projections
@@ -573,6 +612,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "three_region_hard_ratio": head["three_region_hard_ratio"],
         "three_vs_one_region_soft": head["three_vs_one_region_soft"],
         "three_vs_one_region_hard": head["three_vs_one_region_hard"],
+        "in_step_ratios": head["in_step_ratios"],
+        "hook_ms": head["hook_ms"],
         "projections_recomputed": sum(r["projections_recomputed"] for r in per_size.values()),
         "peak_mem_ratio": round(soft_mb / plain_mb, 4) if plain_mb else None,
         "peak_mem_with_weights_ratio": round((resident_mb + soft_mb) / (resident_mb + plain_mb), 4),

@@ -18,15 +18,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KEYS = ("plain_ms", "one_region_ratio", "three_region_soft_ratio", "three_region_hard_ratio",
         "three_vs_one_region_soft", "three_vs_one_region_hard", "projections_recomputed", "peak_mem_ratio",
-        "segmentation_ms", "segmentation_cache_hit_ms", "cache_hit_vs_step", "aten_ops_per_step", "device",
-        "dtype", "sizes", "goals_met")
+        "segmentation_ms", "segmentation_cache_hit_ms", "cache_hit_vs_step", "aten_ops_per_step", "in_step_ratios",
+        "hook_ms", "device", "dtype", "sizes", "goals_met")
 
 
 @pytest.fixture(scope="module")
 def report():
     """`python -m charadapter.bench --quick`, as CI would run it: (output lines, the last line's JSON)."""
-    done = subprocess.run([sys.executable, "-m", "charadapter.bench", "--quick", "--repeats", "1"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    command = [sys.executable, "-m", "charadapter.bench", "--quick", "--repeats", "1", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     return lines, json.loads(lines[-1])
@@ -61,6 +61,7 @@ def test_numbers_are_sane(report):
     ops = result["aten_ops_per_step"]
     assert ops["plain"] < ops["one_region"] < ops["three_region_soft"]
     assert all(isinstance(v, bool) for v in result["goals_met"].values())
+    assert all(v >= 1.0 for v in result["in_step_ratios"].values())  # a step with our hooks, over itself without
     assert result["goals_met"]["projections_recomputed"] is True
 
 
