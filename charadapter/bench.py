@@ -349,6 +349,36 @@ def count_ops(device: torch.device, dtype: torch.dtype, attention: str, tokens: 
     return counts
 
 
+def count_flops(config: dict, size: int, attention: str, tokens: int, seed: int) -> Dict[str, float]:
+    """GFLOP per steady step of each mode at the real dimensions, counted on the meta device
+    (shapes only: nothing is computed) with torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device("meta")
+    with device:
+        unet = _import_unet()(**config)
+    unet = unet.eval().requires_grad_(False)
+    layers = find_attn2_layers(unet)
+    runner = Runner(unet, layers, Adapter(layers, config["context_dim"], tokens, seed), size, device,
+                    torch.float32, config["context_dim"], seed)
+    flops = {}
+    try:
+        with host_attention(unet, attention):
+            for mode in MODES:
+                runner.step(mode)
+                runner.step(mode)  # steady from here on
+                counter = FlopCounterMode(display=False)
+                session = runner.sessions[mode]
+                with runner.hooked(mode), torch.no_grad(), counter:
+                    if session is not None:
+                        session.begin_step(runner.steps[mode], runner.plan)
+                    runner.call()
+                flops[mode] = round(counter.get_total_flops() / 1e9, 2)
+    finally:
+        runner.close()
+    return flops
+
+
 def segmentation(unet, layers, latent: int, device, dtype, context_dim: int, seed: int) -> Tuple[float, object]:
     """One reference segmentation pass (charadapter.reference) on this UNet -> (ms, result)."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # SD1's schedule
@@ -420,20 +450,19 @@ def measure_size(runner: Runner, repeats: int, plan: Optional[Callable[[float], 
     if memory:  # steady steps (the soft session folded its first maps in the warm-up)
         plain_mb, soft_mb = (working_peak_mb(runner, m) for m in ("plain", "three_region_soft"))
         result.update(peak_mem_plain_mb=round(plain_mb, 1), peak_mem_soft_mb=round(soft_mb, 1))
-    round_s = sum(warm_ms.values()) / 1000.0
-    if plan is not None:
-        fit = plan(round_s / len(MODES))
-        if fit < repeats:
-            log(f"  time budget: {fit} repeat(s) instead of {repeats} (a round takes ~{round_s:.0f} s)")
-            repeats = fit
+    step_s = [ms / 1000.0 for ms in warm_ms.values()]  # every step at this size: the budget's estimate
     times: Dict[str, List[float]] = {mode: [] for mode in MODES}
     in_step: Dict[str, List[float]] = {mode: [] for mode in MODES[1:]}
     hook_ms: Dict[str, List[float]] = {mode: [] for mode in MODES[1:]}
     for r in range(repeats):
-        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+        if r and plan is not None and plan(_median(step_s)) < 1:
+            log(f"  time budget: {r} repeat(s) instead of {repeats} (a step takes ~{_median(step_s):.1f} s)")
+            break
         got = {}
+        order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
         for mode in order:
             got[mode] = runner.step(mode)[0]
+            step_s.append(got[mode] / 1000.0)
             if mode != "plain":  # the step against itself without our share: immune to drift between steps
                 hook_ms[mode].append(runner.last_hook_ms)
                 in_step[mode].append(got[mode] / max(got[mode] - runner.last_hook_ms, 1e-9))
@@ -451,8 +480,8 @@ def measure_size(runner: Runner, repeats: int, plan: Optional[Callable[[float], 
         result[f"three_vs_one_region_{kind}"] = paired(f"three_region_{kind}", "one_region")
     result["hook_ms"] = {mode: round(_median(hook_ms[mode]), 3) for mode in MODES[1:]}
     result["in_step_ratios"] = {mode: round(_median(in_step[mode]), 4) for mode in MODES[1:]}
-    result["repeats"] = repeats
-    result["step_s"] = round(round_s / len(MODES), 2)
+    result["repeats"] = len(times["plain"])
+    result["step_s"] = round(_median(step_s), 2)
     result["projection_calls"] = projections
     result["projections_recomputed"] = sum(max(0, c - projections["plain"]) for c in projections.values())
     return result
@@ -488,11 +517,11 @@ class _Budget:
         return time.perf_counter() + self.need(known, repeats) <= self.deadline
 
     def repeats(self, known: Tuple[int, float]) -> int:
-        """Rounds per size that fit (at least 1) once this size's warm-up is done."""
+        """Rounds that still fit, for this size and each later one (this size's warm-up is done)."""
         left = self.deadline - time.perf_counter()
         fixed = self.need(known, 0, started=True)
         per_repeat = self.need(known, 1, started=True) - fixed
-        return max(1, int((left - fixed) // max(per_repeat, 1e-6)))
+        return int((left - fixed) // max(per_repeat, 1e-6))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -507,7 +536,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="sdp: the WebUI's default attention forward; ldm: the ldm package's own")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds the run may take (cpu default 540): fewer repeats, or a size skipped, to fit")
-    parser.add_argument("--no-ops", action="store_true", help="skip the operator count")
+    parser.add_argument("--no-ops", action="store_true", help="skip the operator and FLOP counts")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads (default: torch's; 1 with --quick, where ops are too small to share)")
     parser.add_argument("--seed", type=int, default=0)
@@ -601,6 +630,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     hit_ms, hash_ms = cache_hit(seg_result, unet)
     ops = None if args.no_ops else count_ops(device, dtype, args.attention, tokens, args.seed,
                                              unet if args.quick else None)
+    flops = None if args.no_ops else count_flops(config, head_size, args.attention, tokens, args.seed)
 
     resident_mb = sum(t.numel() * t.element_size() for t in unet.parameters()) / 2 ** 20
     plain_mb, soft_mb = head["peak_mem_plain_mb"], head["peak_mem_soft_mb"]
@@ -628,6 +658,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "cache_hit_vs_step": round(hit_ms / head["plain_ms"], 8),
         "reference_hash_ms": round(hash_ms, 3),
         "aten_ops_per_step": ops,
+        "gflop_per_step": flops,
         "headline_size": head_name,
         "sizes": per_size,
         "skipped": skipped,
@@ -649,6 +680,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "projections_recomputed": report["projections_recomputed"] == GOALS["projections_recomputed"],
         "peak_mem_ratio": report["peak_mem_ratio"] is not None and report["peak_mem_ratio"] <= GOALS["peak_mem_ratio"],
         "cache_hit": report["cache_hit_vs_step"] < GOALS["cache_hit_vs_step"],
+        # the same two ratio goals from each step against itself: what a busy machine cannot blur
+        "in_step_three_region_soft": head["in_step_ratios"]["three_region_soft"] <= GOALS["three_region_soft_ratio"],
+        "in_step_three_vs_one_region": max(head["in_step_ratios"]["three_region_soft"],
+                                           head["in_step_ratios"]["three_region_hard"])
+        <= GOALS["three_vs_one_region"] * head["in_step_ratios"]["one_region"],
     }
     print(json.dumps(report), flush=True)
     return report

@@ -17,9 +17,9 @@ from charadapter import bench
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KEYS = ("plain_ms", "one_region_ratio", "three_region_soft_ratio", "three_region_hard_ratio",
-        "three_vs_one_region_soft", "three_vs_one_region_hard", "projections_recomputed", "peak_mem_ratio",
-        "segmentation_ms", "segmentation_cache_hit_ms", "cache_hit_vs_step", "aten_ops_per_step", "in_step_ratios",
-        "hook_ms", "device", "dtype", "sizes", "goals_met")
+        "three_vs_one_region_soft", "three_vs_one_region_hard", "in_step_ratios", "hook_ms", "projections_recomputed",
+        "peak_mem_ratio", "segmentation_ms", "segmentation_cache_hit_ms", "cache_hit_vs_step", "aten_ops_per_step",
+        "gflop_per_step", "device", "dtype", "sizes", "goals_met")
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +58,9 @@ def test_numbers_are_sane(report):
     assert result["plain_ms"] > 0 and result["segmentation_ms"] > 0
     assert 0 < result["segmentation_cache_hit_ms"] < result["plain_ms"]
     assert result["peak_mem_soft_mb"] > 0 and result["peak_mem_plain_mb"] > 0
-    ops = result["aten_ops_per_step"]
+    ops, flops = result["aten_ops_per_step"], result["gflop_per_step"]
     assert ops["plain"] < ops["one_region"] < ops["three_region_soft"]
+    assert flops["plain"] < flops["one_region"] < flops["three_region_soft"]
     assert all(isinstance(v, bool) for v in result["goals_met"].values())
     assert all(v >= 1.0 for v in result["in_step_ratios"].values())  # a step with our hooks, over itself without
     assert result["goals_met"]["projections_recomputed"] is True
