@@ -20,6 +20,11 @@ DEFAULT_REGIONS = (("face", "face"), ("upper body", "upper body"), ("lower body"
 FUSION_MODES = ("soft", "hard")
 CROP_STYLES = ("strip", "box")
 INFOTEXT_PREFIX = "Character-Adapter"
+# accepted ranges of the numeric settings: the one source for validation, X/Y/Z and the sliders
+RANGES = {
+    "weight": (0.0, 2.0), "start": (0.0, 1.0), "end": (0.0, 1.0), "temperature": (1e-3, 10.0),
+    "background": (0.0, 1.0), "timestep": (1, 999), "region_weight": (0.0, 2.0),
+}
 
 
 class ParamError(CharacterAdapterError):
@@ -67,13 +72,13 @@ class Params:
             image=_as_image("image", self.image) if enabled else self.image,
             model=_as_name("model", self.model),
             encoder=_auto_encoder(_as_name("encoder", self.encoder)),
-            weight=_as_float("weight", self.weight, 0.0, 2.0),
-            start=_as_float("start", self.start, 0.0, 1.0),
-            end=_as_float("end", self.end, 0.0, 1.0),
+            weight=_as_float("weight", self.weight, *RANGES["weight"]),
+            start=_as_float("start", self.start, *RANGES["start"]),
+            end=_as_float("end", self.end, *RANGES["end"]),
             fusion=_as_choice("fusion", self.fusion, FUSION_MODES),
-            temperature=_as_float("temperature", self.temperature, 1e-3, 10.0),
-            background=_as_float("background", self.background, 0.0, 1.0),
-            timestep=_as_int("timestep", self.timestep, 1, 999),
+            temperature=_as_float("temperature", self.temperature, *RANGES["temperature"]),
+            background=_as_float("background", self.background, *RANGES["background"]),
+            timestep=_as_int("timestep", self.timestep, *RANGES["timestep"]),
             crop=_as_choice("crop", self.crop, CROP_STYLES),
             show_masks=_as_bool("show_masks", self.show_masks),
             regions=regions,
@@ -419,7 +424,7 @@ def _validate_regions(regions: Sequence[Region]) -> Tuple[Region, ...]:
         if not ref:
             raise ParamError(f"{label}.reference_phrase", "must not be empty")
         phrase = _as_text(f"{label}.phrase", region.phrase) or ref
-        weight = _as_float(f"{label}.weight", region.weight, 0.0, 2.0)
+        weight = _as_float(f"{label}.weight", region.weight, *RANGES["region_weight"])
         if ref.lower() in seen:
             raise ParamError(
                 f"{label}.reference_phrase",

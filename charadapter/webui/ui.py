@@ -13,7 +13,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import gradio as gr
 
 from ..errors import CharacterAdapterError
-from ..params import ARG_NAMES, CROP_STYLES, FUSION_MODES, INFOTEXT_PREFIX, MAX_REGIONS, Params, Region
+from ..params import ARG_NAMES, CROP_STYLES, FUSION_MODES, INFOTEXT_PREFIX, MAX_REGIONS, RANGES, Params, Region
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +121,11 @@ def build_ui(is_img2img: bool, listing_fn: Callable[[], Any],
                         elem_id=eid("encoder"),
                     )
                     refresh = ToolButton(value=REFRESH_SYMBOL, elem_id=eid("refresh"))
-                c["weight"] = gr.Slider(0.0, 2.0, step=0.05, value=d.weight, label="Weight", elem_id=eid("weight"))
+                c["weight"] = gr.Slider(*RANGES["weight"], step=0.05, value=d.weight, label="Weight", elem_id=eid("weight"))
                 with FormRow(elem_id=eid("window_row")):
-                    c["start"] = gr.Slider(0.0, 1.0, step=0.01, value=d.start, label="Start at step fraction",
+                    c["start"] = gr.Slider(*RANGES["start"], step=0.01, value=d.start, label="Start at step fraction",
                                            elem_id=eid("start"))
-                    c["end"] = gr.Slider(0.0, 1.0, step=0.01, value=d.end, label="End at step fraction",
+                    c["end"] = gr.Slider(*RANGES["end"], step=0.01, value=d.end, label="End at step fraction",
                                          elem_id=eid("end"))
         for slot in range(1, MAX_REGIONS + 1):
             region = d.regions[slot - 1] if slot <= len(d.regions) else Region("", "", 1.0)
@@ -141,7 +141,7 @@ def build_ui(is_img2img: bool, listing_fn: Callable[[], Any],
                     lines=1, max_lines=1, elem_id=eid(f"region{slot}_phrase"),
                 )
                 c[f"region{slot}_weight"] = gr.Slider(
-                    0.0, 2.0, step=0.05, value=float(region.weight), label=f"Region {slot}: weight",
+                    *RANGES["region_weight"], step=0.05, value=float(region.weight), label=f"Region {slot}: weight",
                     elem_id=eid(f"region{slot}_weight"),
                 )
         with gr.Accordion("Advanced", open=False, elem_id=eid("advanced")):
@@ -152,10 +152,10 @@ def build_ui(is_img2img: bool, listing_fn: Callable[[], Any],
             with FormRow(elem_id=eid("mask_row")):
                 c["temperature"] = gr.Slider(0.01, 2.0, step=0.01, value=d.temperature, label="Mask temperature",
                                              elem_id=eid("temperature"))
-                c["background"] = gr.Slider(0.0, 1.0, step=0.01, value=d.background, label="Background threshold",
+                c["background"] = gr.Slider(*RANGES["background"], step=0.01, value=d.background, label="Background threshold",
                                             elem_id=eid("background"))
             with FormRow(elem_id=eid("segmentation_row")):
-                c["timestep"] = gr.Slider(1, 999, step=1, value=d.timestep, label="Segmentation timestep",
+                c["timestep"] = gr.Slider(*RANGES["timestep"], step=1, value=d.timestep, label="Segmentation timestep",
                                           elem_id=eid("timestep"))
                 c["show_masks"] = gr.Checkbox(value=d.show_masks, label="Show masks", elem_id=eid("show_masks"))
     refresh.click(

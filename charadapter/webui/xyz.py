@@ -14,7 +14,7 @@ Controller.process reads them back with `cell_overrides(p)`. Nothing is written 
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from ..params import FUSION_MODES, ParamError, Params, _as_choice, _as_float, _as_int, _as_name
+from ..params import FUSION_MODES, RANGES, ParamError, Params, _as_choice, _as_float, _as_int, _as_name
 
 log = logging.getLogger("character_adapter")
 
@@ -36,7 +36,7 @@ def parse_region_weights(text: Any) -> Tuple[float, ...]:
         parts = str(text).replace(",", " ").replace(";", " ").split()
     if not parts:
         raise ParamError("region weights", "empty cell; expected one weight per region, e.g. 1 0.5 0")
-    return tuple(_as_float("region weights", part, 0.0, 2.0) for part in parts)
+    return tuple(_as_float("region weights", part, *RANGES["region_weight"]) for part in parts)
 
 
 def format_region_weights(p, opt, x) -> str:
@@ -78,12 +78,12 @@ def _check_model(name: Any) -> None:
 
 # (label, setting, type, check, extra AxisOption keyword arguments)
 AXES: Tuple[Tuple[str, str, Callable, Callable, Dict[str, Any]], ...] = (
-    ("Weight", "weight", float, lambda x: _as_float("weight", x, 0.0, 2.0), {}),
-    ("Start", "start", float, lambda x: _as_float("start", x, 0.0, 1.0), {}),
-    ("End", "end", float, lambda x: _as_float("end", x, 0.0, 1.0), {}),
+    ("Weight", "weight", float, lambda x: _as_float("weight", x, *RANGES["weight"]), {}),
+    ("Start", "start", float, lambda x: _as_float("start", x, *RANGES["start"]), {}),
+    ("End", "end", float, lambda x: _as_float("end", x, *RANGES["end"]), {}),
     ("Fusion mode", "fusion", str, lambda x: _as_choice("fusion", x, FUSION_MODES), {"choices": _fusion_choices}),
-    ("Temperature", "temperature", float, lambda x: _as_float("temperature", x, 1e-3, 10.0), {}),
-    ("Segmentation timestep", "timestep", int, lambda x: _as_int("timestep", x, 1, 999), {"cost": 0.2}),
+    ("Temperature", "temperature", float, lambda x: _as_float("temperature", x, *RANGES["temperature"]), {}),
+    ("Segmentation timestep", "timestep", int, lambda x: _as_int("timestep", x, *RANGES["timestep"]), {"cost": 0.2}),
     ("Region weights", "region_weights", parse_region_weights, lambda x: x,
      {"format_value": format_region_weights}),
     ("IP-Adapter model", "model", str, _check_model, {"choices": _adapter_names, "cost": 0.5}),
