@@ -6,11 +6,12 @@ vocabulary is rebuilt from the BPE merges file that open-clip-torch ships.
 
     python make_hf_cache.py <HF_HOME>     # then run the WebUI with HF_HOME=<HF_HOME> HF_HUB_OFFLINE=1
 """
-import gzip
-import importlib.util
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests"))
+from tiny_sd import write_clip_tokenizer_files  # noqa: E402
 
 REPO = "openai/clip-vit-large-patch14"
 REVISION = "0" * 40  # any commit-like name: offline lookups follow refs/main
@@ -28,30 +29,6 @@ VISION_CONFIG = dict(
 )
 
 
-def _bytes_to_unicode():
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    codes, extra = printable[:], 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
-def vocab_and_merges():
-    spec = importlib.util.find_spec("open_clip")
-    bpe = os.path.join(os.path.dirname(spec.origin), "bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(bpe).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    chars = _bytes_to_unicode()
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408, len(vocab)
-    return vocab, merges
-
-
 def main(hf_home):
     repo_dir = os.path.join(hf_home, "hub", "models--" + REPO.replace("/", "--"))
     snap = os.path.join(repo_dir, "snapshots", REVISION)
@@ -59,18 +36,7 @@ def main(hf_home):
     os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
     with open(os.path.join(repo_dir, "refs", "main"), "w") as f:
         f.write(REVISION)
-    vocab, merges = vocab_and_merges()
-    with open(os.path.join(snap, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(os.path.join(snap, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-               "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
-    with open(os.path.join(snap, "tokenizer_config.json"), "w") as f:
-        json.dump(dict(special, model_max_length=77, do_lower_case=True, errors="replace",
-                       add_prefix_space=False, tokenizer_class="CLIPTokenizer"), f, indent=1)
-    with open(os.path.join(snap, "special_tokens_map.json"), "w") as f:
-        json.dump(special, f, indent=1)
+    write_clip_tokenizer_files(snap)  # the same files the tests' tiny SD1 model uses
     config = dict(architectures=["CLIPModel"], model_type="clip", projection_dim=768, logit_scale_init_value=2.6592,
                   initializer_factor=1.0, text_config=TEXT_CONFIG, vision_config=VISION_CONFIG)
     with open(os.path.join(snap, "config.json"), "w") as f:
