@@ -20,7 +20,7 @@ from .attention import ip_keys_values
 from .errors import CharacterAdapterError
 from .geometry import Size, resize_maps
 from .hooks import HookSession, RegionState, plan_region_hooks
-from .layers import AttnLayer, map_layers
+from .layers import DEFAULT_MAP_LEVELS, AttnLayer, map_layers
 from .masks import BACKGROUND, area_pyramid, hard_masks, resize_masks, soft_masks, uniform_masks
 
 COND, UNCOND = 0, 1  # token sets in RegionState.kv: reference tokens, negative tokens
@@ -37,6 +37,7 @@ class FusionConfig:
     mode: str = "soft"  # "soft" | "hard"
     temperature: float = 0.1
     background: float = 0.4
+    map_levels: Tuple[int, ...] = DEFAULT_MAP_LEVELS  # UNet levels whose text maps give the soft labels
 
     @property
     def global_only(self) -> bool:
@@ -106,7 +107,7 @@ class FusionSession:
         self.state = RegionState(
             kv=kv,
             weights=self._weights,
-            map_layers=frozenset() if config.global_only else frozenset(l.index for l in map_layers(self.layers)),
+            map_layers=frozenset() if config.global_only else frozenset(l.index for l in map_layers(self.layers, config.map_levels)),
             before_call=self._before_call,
             after_call=self._after_call,
             enabled=False,

@@ -104,6 +104,21 @@ def test_masks_follow_the_maps(unet, layers, adapter):
     assert torch.allclose(masks.sum(dim=1), torch.ones(2, 64), atol=1e-5)
 
 
+def test_map_levels_choose_the_layers_whose_maps_make_the_masks(unet, layers, adapter):
+    """A model whose coarser maps do not localise (the toy world's 8x8 level) fuses with its
+    finest level alone; the default averages levels 1 and 2."""
+    masks = {}
+    for levels in ((1,), (1, 2)):
+        fusion = session(unet, layers, adapter, map_levels=levels)
+        assert fusion.state.map_layers == {l.index for l in layers if l.level in levels}
+        with fusion:
+            run_steps(unet, fusion, steps=1)
+            fusion.begin_step(1, cfg_plan())
+            masks[levels] = fusion.masks.clone()
+    assert FusionConfig(weight=1.0, region_weights=(1.0,)).map_levels == (1, 2)
+    assert not torch.allclose(masks[(1,)], masks[(1, 2)])
+
+
 def test_hard_mode_is_one_hot(unet, layers, adapter):
     fusion = session(unet, layers, adapter, mode="hard")
     with fusion:
