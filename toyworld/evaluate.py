@@ -5,7 +5,7 @@ segmentation (charadapter.reference.segment_reference + charadapter.segmentation
 (strips padded to squares), region tokens (charadapter.adapter.RegionEncoder on the adapter and
 encoder loaded by charadapter.checkpoint / charadapter.clip_vision), and attention dynamic
 fusion (charadapter.fusion.FusionSession driven with RowPlans the way the WebUI runtime does),
-with a plain DDIM sampler and classifier-free guidance standing in for the WebUI's sampler.
+with an ancestral DDIM sampler (eta 1) and classifier-free guidance standing in for the WebUI's sampler.
 
 Metrics (ground truth from toyworld.data):
 - segmentation IoU per region of the reference masks vs the true masks, per timestep T; also
@@ -38,6 +38,10 @@ from . import data
 from .model import WEIGHTS, load_image_side, load_sd
 
 SEG_TIMESTEPS = (50, 150, 250, 450, 650, 850)
+# The toy's text maps that localise: its 16x16 layers (level 1). Its 8x8 layers, which the
+# extension's default (1, 2) adds, have 4-pixel cells and stay near chance (the per-level rows
+# of the table); at 512 px on SD1.5 the same levels are 32x32 and 16x16 latent cells.
+MAP_LEVELS = (1,)
 GEN_PHRASES = ("face", "jacket", "trousers")
 
 
@@ -69,18 +73,16 @@ def settings(seg_t: int) -> List[Setting]:
 QUICK = ("no adapter", "IP-Adapter (global)", "CA hard", "CA soft t0.1 bg0.4")
 
 
-class World:
-    """The loaded toy models and the extension's objects built on them."""
+class TextWorld:
+    """A toy text-to-image model and what segmentation needs of it (training probes use this)."""
 
-    def __init__(self, weights: str = WEIGHTS):
-        self.model = load_sd(weights)
-        self.unet = self.model.model.diffusion_model
+    def __init__(self, model, map_levels: Sequence[int] = MAP_LEVELS):
+        self.model = model
+        self.map_levels = tuple(map_levels)
+        self.unet = model.model.diffusion_model
         self.layers = find_attn2_layers(self.unet)
-        self.tokenizer = self.model.cond_stage_model.tokenizer
-        self.adapter, self.clip = load_image_side(weights)
-        self.encoder = RegionEncoder(self.adapter, self.clip)
-        self.ip = [(k.float(), v.float()) for k, v in self.adapter.layers]
-        self.alphas = self.model.alphas_cumprod.float()
+        self.tokenizer = model.cond_stage_model.tokenizer
+        self.alphas = model.alphas_cumprod.float()
 
     @torch.no_grad()
     def cond(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -91,7 +93,7 @@ class World:
         return tuple(tuple(phrase_positions(chunks, self.tokenizer.encode_words(p))) for p in phrases)
 
     def segment(self, image: np.ndarray, phrases: Sequence[str], timestep: int, threshold: float = 0.5,
-                levels: Sequence[int] = DEFAULT_MAP_LEVELS):
+                levels: Optional[Sequence[int]] = None):
         """What the runtime's _segment does, at the toy model's native 32 px."""
         text = segmentation_prompt(phrases)
         groups = self.groups(text, phrases)
@@ -102,8 +104,19 @@ class World:
             noisy = noise_latent(latent, self.alphas, timestep, SEGMENTATION_SEED)
             t = torch.tensor([float(timestep)])
             result, _ = segment_reference(self.unet, self.layers, lambda: self.model.apply_model(noisy, t, cond),
-                                          tuple(noisy.shape[-2:]), groups, levels=levels, threshold=threshold)
+                                          tuple(noisy.shape[-2:]), groups, levels=levels or self.map_levels,
+                                          threshold=threshold)
         return result
+
+
+class World(TextWorld):
+    """The loaded toy models and the extension's objects built on them."""
+
+    def __init__(self, weights: str = WEIGHTS, map_levels: Sequence[int] = MAP_LEVELS):
+        super().__init__(load_sd(weights), map_levels)
+        self.adapter, self.clip = load_image_side(weights)
+        self.encoder = RegionEncoder(self.adapter, self.clip)
+        self.ip = [(k.float(), v.float()) for k, v in self.adapter.layers]
 
 
 # --------------------------------------------------------------------------- segmentation
@@ -131,16 +144,25 @@ def region_means(rows: Sequence[Sequence[float]]) -> Dict[str, float]:
     return out
 
 
-def evaluate_segmentation(world: World, samples: Sequence[data.Sample], timesteps: Sequence[int],
+def segmentation_iou(world: TextWorld, samples: Sequence[data.Sample], timestep: int,
+                     levels: Optional[Sequence[int]] = None) -> Dict[str, float]:
+    """Mean IoU per region of the masks from '<colour> face/jacket/trousers' phrases."""
+    rows = []
+    for s in samples:
+        res = world.segment(s.image, [data.region_phrase(s.character, r) for r in data.REGIONS], timestep,
+                            levels=levels)
+        rows.append([iou(res.masks[r], s.masks[r]) for r in range(3)])
+    return region_means(rows)
+
+
+def evaluate_segmentation(world: TextWorld, samples: Sequence[data.Sample], timesteps: Sequence[int],
                           control_t: int) -> Dict:
     out: Dict = {"iou": {}}
     for t in timesteps:
-        rows = []
-        for s in samples:
-            phrases = [data.region_phrase(s.character, r) for r in data.REGIONS]
-            res = world.segment(s.image, phrases, t)
-            rows.append([iou(res.masks[r], s.masks[r]) for r in range(3)])
-        out["iou"][str(t)] = region_means(rows)
+        out["iou"][str(t)] = segmentation_iou(world, samples, t)
+    # which UNet levels' maps localise (level 1 = 16x16, 2 = 8x8, 3 = 4x4), and the extension's default
+    out["iou_by_levels"] = {",".join(map(str, lv)): segmentation_iou(world, samples, control_t, lv)
+                            for lv in ((1,), (2,), (3,), tuple(DEFAULT_MAP_LEVELS))}
     nouns, same, swap_true, swap_other = [], [], [], []
     for s in samples:
         res = world.segment(s.image, list(data.REGIONS), control_t)
@@ -187,13 +209,17 @@ def gen_prompts(sample: data.Sample, rng: np.random.Generator, count: int,
 
 @torch.no_grad()
 def sample_images(world: World, prompts: Sequence[str], noise: torch.Tensor, steps: int, scale: float,
-                  fusion: Optional[FusionSession] = None, groups=None) -> np.ndarray:
-    """DDIM (eta 0) with CFG; the fusion session gets the WebUI's events: pass start, each step's rows."""
+                  fusion: Optional[FusionSession] = None, groups=None, eta: float = 1.0,
+                  seed: int = 0) -> np.ndarray:
+    """DDIM with CFG; eta 1 (ancestral, fresh noise from `seed` each step) by default: the toy
+    model's deterministic (eta 0) trajectories keep visible noise, its ancestral ones give clean
+    figures. The fusion session gets the WebUI's events: pass start, each step's rows."""
     n = len(prompts)
     cond = torch.cat([world.cond(prompts), world.cond([""] * n)])  # cond rows first, then uncond
     timesteps = np.linspace(world.model.num_timesteps - 1, 0, steps).round().astype(int)
     plan = RowPlan(is_cond=(True,) * n + (False,) * n, image=tuple(range(n)) * 2,
                    token_groups=(groups,) * n + (None,) * n)
+    gen = torch.Generator().manual_seed(seed)
     x = noise.clone()
     if fusion is not None:
         fusion.begin_pass(tuple(x.shape[-2:]), steps)
@@ -203,10 +229,13 @@ def sample_images(world: World, prompts: Sequence[str], noise: torch.Tensor, ste
         eps = world.model.apply_model(torch.cat([x, x]), torch.full((2 * n,), float(t)), cond)
         e_cond, e_uncond = eps.chunk(2)
         e = e_uncond + scale * (e_cond - e_uncond)
-        a_t = world.alphas[t]
-        a_prev = world.alphas[timesteps[i + 1]] if i + 1 < steps else torch.tensor(1.0)
-        x0 = ((x - (1 - a_t).sqrt() * e) / a_t.sqrt()).clamp(-1, 1)
-        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+        a_t = float(world.alphas[t])
+        a_prev = float(world.alphas[timesteps[i + 1]]) if i + 1 < steps else 1.0
+        x0 = ((x - (1 - a_t) ** 0.5 * e) / a_t ** 0.5).clamp(-1, 1)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5 if a_t < 1 else 0.0
+        x = a_prev ** 0.5 * x0 + max(0.0, 1 - a_prev - sigma ** 2) ** 0.5 * e
+        if sigma > 0:
+            x = x + sigma * torch.randn(x.shape, generator=gen)
     return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
 
 
@@ -304,6 +333,7 @@ def summarise(rows: List[Dict[str, float]]) -> Dict[str, float]:
 def evaluate_generation(world: World, samples: Sequence[data.Sample], chosen: Sequence[Setting], seg_t: int,
                         prompts_per_ref: int, steps: int, scale: float, weight: float,
                         keep_images: bool = False) -> Tuple[Dict, Dict]:
+    assert chosen[0].name == "no adapter", "the baseline comes first: the others' change is measured from it"
     results: Dict[str, List[Dict[str, float]]] = {s.name: [] for s in chosen}
     images: Dict[str, List[np.ndarray]] = {s.name: [] for s in chosen}
     for index, sample in enumerate(samples):
@@ -313,22 +343,29 @@ def evaluate_generation(world: World, samples: Sequence[data.Sample], chosen: Se
         groups = world.groups(prompts[0], GEN_PHRASES)
         assert all(world.groups(p, GEN_PHRASES) == groups for p in prompts), "prompts must share token positions"
         noise = torch.randn((len(prompts), 3, data.SIZE, data.SIZE), generator=torch.Generator().manual_seed(index))
+        plain_out = None  # "no adapter" comes first: the other settings' change is measured from it
         for setting in chosen:
             if setting.kind.startswith("text"):
                 texts = prompts
                 if setting.kind == "text+colours":
                     phrases = [data.region_phrase(sample.character, r) for r in data.REGIONS]
                     texts = [data.prompt(phrases, a[1], a[3], a[2]) for a in asks]
-                out = sample_images(world, texts, noise, steps, scale)
+                out = sample_images(world, texts, noise, steps, scale, seed=index)
             else:
                 tokens, _ = region_tokens(world, sample, setting, seg_t)
                 regions = () if setting.kind == "global" else (1.0,) * len(data.REGIONS)
                 config = FusionConfig(weight=weight, region_weights=regions, mode=setting.mode,
-                                      temperature=setting.temperature, background=setting.background)
+                                      temperature=setting.temperature, background=setting.background,
+                                      map_levels=world.map_levels)
                 with FusionSession(world.unet, world.layers, world.ip, tokens.cond, tokens.negative, config) as fusion:
-                    out = sample_images(world, prompts, noise, steps, scale, fusion, groups)
-            for img, (_, bg, position, _) in zip(out, asks):
-                results[setting.name].append(judge(img, sample, bg, position))
+                    out = sample_images(world, prompts, noise, steps, scale, fusion, groups, seed=index)
+            plain = plain_out if setting.name != "no adapter" else out
+            plain_out = plain
+            for img, base, (_, bg, position, _) in zip(out, plain, asks):
+                row = judge(img, sample, bg, position)
+                # how much the setting changes the picture at all: mean |pixel - no adapter's|, 0..1
+                row["change"] = float(np.abs(img.astype(np.float64) - base.astype(np.float64)).mean() / 255.0)
+                results[setting.name].append(row)
             if keep_images:
                 images[setting.name].extend(out)
     return {k: summarise(v) for k, v in results.items()}, images
@@ -348,17 +385,20 @@ def table(seg: Dict, gen: Dict) -> str:
         v = seg.get(key)
         if v:
             lines.append(f"| {name} | {v['face']:.2f} | {v['jacket']:.2f} | {v['trousers']:.2f} | {v['mean']:.3f} |")
+    for levels, v in seg.get("iou_by_levels", {}).items():
+        lines.append(f"| T={ct}, maps of level(s) {levels} | {v['face']:.2f} | {v['jacket']:.2f} | "
+                     f"{v['trousers']:.2f} | {v['mean']:.3f} |")
     sw = seg["swap"]
     lines.append(f"Caption-swap control (T={ct}, n={sw['n']}): garment mask IoU with its true region "
                  f"{sw['garment_iou_with_true_region']:.2f}, with the other garment {sw['garment_iou_with_other_garment']:.2f}")
     lines += ["", "Generation (prompts ask another background/position/size, name no colour)",
-              "| setting | face ok | jacket ok | trousers ok | regions ok | colour err f/j/t | bleed | stripes | background | position |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| setting | face ok | jacket ok | trousers ok | regions ok | colour err f/j/t | bleed | stripes | background | position | change |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in gen.items():
         lines.append(
             f"| {name} | {v['face_ok']:.2f} | {v['jacket_ok']:.2f} | {v['trousers_ok']:.2f} | {v['regions_ok']:.2f} | "
             f"{v['face_err']:.2f}/{v['jacket_err']:.2f}/{v['trousers_err']:.2f} | {v.get('bleed', float('nan')):.2f} | "
-            f"{v.get('stripes', float('nan')):.2f} | {v['background']:.2f} | {v['position']:.2f} |")
+            f"{v.get('stripes', float('nan')):.2f} | {v['background']:.2f} | {v['position']:.2f} | {v['change']:.3f} |")
     return "\n".join(lines)
 
 
@@ -375,12 +415,13 @@ def save_grid(path: str, samples: Sequence[data.Sample], images: Dict[str, List[
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
 
 
-def run(refs: int = 6, prompts_per_ref: int = 4, steps: int = 15, scale: float = 3.0, weight: float = 1.0,
+def run(refs: int = 6, prompts_per_ref: int = 4, steps: int = 40, scale: float = 3.0, weight: float = 1.0,
         seg_t: int = 150, timesteps: Sequence[int] = SEG_TIMESTEPS, quick: bool = False,
-        weights: str = WEIGHTS, seg_refs: Optional[int] = None, grid: Optional[str] = None) -> Dict:
-    torch.set_num_threads(1)
+        weights: str = WEIGHTS, seg_refs: Optional[int] = None, grid: Optional[str] = None,
+        map_levels: Sequence[int] = MAP_LEVELS, threads: int = 1) -> Dict:
+    torch.set_num_threads(threads)
     start = time.time()
-    world = World(weights)
+    world = World(weights, map_levels)
     seg_samples = data.held_out(seg_refs or 16)
     seg = evaluate_segmentation(world, seg_samples, timesteps, seg_t)
     chosen = [s for s in settings(seg_t) if not quick or s.name in QUICK]
@@ -391,7 +432,8 @@ def run(refs: int = 6, prompts_per_ref: int = 4, steps: int = 15, scale: float =
         save_grid(grid, samples, images, prompts_per_ref)
     return {"segmentation": seg, "generation": gen,
             "config": {"refs": refs, "seg_refs": len(seg_samples), "prompts_per_ref": prompts_per_ref,
-                       "steps": steps, "cfg_scale": scale, "weight": weight, "seg_t": seg_t},
+                       "steps": steps, "cfg_scale": scale, "weight": weight, "seg_t": seg_t,
+                       "map_levels": list(world.map_levels)},
             "seconds": round(time.time() - start, 1)}
 
 
@@ -400,16 +442,20 @@ def main(argv=None) -> None:
     parser.add_argument("--refs", type=int, default=6, help="reference characters for generation")
     parser.add_argument("--seg-refs", type=int, default=16, help="references for segmentation IoU")
     parser.add_argument("--prompts", type=int, default=4, help="prompts (layouts/backgrounds) per reference")
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=40, help="sampling steps (ancestral DDIM, eta 1)")
     parser.add_argument("--cfg", type=float, default=3.0)
     parser.add_argument("--weight", type=float, default=1.0)
     parser.add_argument("--seg-t", type=int, default=150, help="segmentation timestep for the CA settings")
+    parser.add_argument("--map-levels", default=",".join(map(str, MAP_LEVELS)),
+                        help="UNet levels whose text maps segment and fuse (1 = 16x16, 2 = 8x8)")
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="four settings only (CI)")
     parser.add_argument("--weights", default=WEIGHTS)
     parser.add_argument("--grid", help="save a PNG: each reference, then every setting's first image")
     args = parser.parse_args(argv)
     result = run(args.refs, args.prompts, args.steps, args.cfg, args.weight, args.seg_t, quick=args.quick,
-                 weights=args.weights, seg_refs=args.seg_refs, grid=args.grid)
+                 weights=args.weights, seg_refs=args.seg_refs, grid=args.grid,
+                 map_levels=tuple(int(v) for v in args.map_levels.split(",")), threads=args.threads)
     print(table(result["segmentation"], result["generation"]))
     print(f"({result['seconds']} s)")
     print(json.dumps(result, sort_keys=True))

@@ -40,7 +40,8 @@ def _ldm():
     return tiny_sd.LDM
 
 
-TEXT_WINDOW = None  # see ToyTextEncoder; 1 (each token sees 2 neighbours per side) was tried, README
+CHANNEL_MULT = (1, 1, 1, 1)  # of model_channels 32 per level; (1, 2, 1, 1) learned its maps slower per second (README)
+TEXT_WINDOW = None  # global text encoder; see ToyTextEncoder
 
 
 def sd_config():
@@ -52,7 +53,7 @@ def sd_config():
     # one res block on the 32x32 level keeps training fast. Maps: 16x16 and 8x8 (levels 1, 2).
     unet = dict(
         image_size=32, in_channels=3, out_channels=3, model_channels=32,
-        attention_resolutions=[2, 4, 8], num_res_blocks=[1, 2, 2, 2], channel_mult=[1, 1, 1, 1],
+        attention_resolutions=[2, 4, 8], num_res_blocks=[1, 2, 2, 2], channel_mult=list(CHANNEL_MULT),
         num_head_channels=16, use_spatial_transformer=True, transformer_depth=1, context_dim=768,
         use_checkpoint=False, legacy=False, use_linear_in_transformer=False,
     )
@@ -90,7 +91,10 @@ def save_sd(model, directory: str = WEIGHTS, dtype: torch.dtype = torch.float16)
     from safetensors.torch import save_file
 
     os.makedirs(directory, exist_ok=True)
-    state = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous()
+    # Weights in `dtype`; the noise-schedule buffers stay fp32: fp16 rounds alphas_cumprod near 1
+    # (1 - 1e-4 becomes 1.0), which breaks x0 = (x - sqrt(1 - a) eps) / sqrt(a) at small t.
+    state = {k: (v.to(dtype) if v.is_floating_point() and k.startswith(("model.", "cond_stage_model.")) else v)
+             .detach().cpu().contiguous()
              for k, v in model.state_dict().items() if not k.startswith("first_stage_model.")}
     path = os.path.join(directory, SD_FILE)
     save_file(state, path, metadata={"format": "pt"})

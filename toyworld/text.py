@@ -43,11 +43,11 @@ class WordTokenizer:
 class ToyTextEncoder(nn.Module):
     """Token + position embeddings, a transformer, projected to the UNet's context.
 
-    `window`: each layer attends only to tokens at most this far away (None: everywhere). With a
-    global view every token can carry the whole caption, and the UNet then needs no spatially
-    selective cross-attention: a first run trained so had text maps at chance (README). A local
-    view lets "red" know it belongs to "jacket" but not what the trousers are, so the UNet must
-    fetch each garment's colour where that garment is, which is what localising maps are.
+    `window`: each layer attends only to tokens at most this far away (None: everywhere, what the
+    committed weights use). A global view lets any token carry the whole caption, so the UNet
+    could do without spatially selective cross-attention; in practice the trained maps localise
+    (README "Toy world"), and a local view (window 1), tried on an earlier, shorter training, was
+    no better.
     """
 
     def __init__(self, width: int = 64, layers: int = 2, heads: int = 4, context_dim: int = CONTEXT_DIM,
