@@ -161,8 +161,10 @@ def evaluate_segmentation(world: TextWorld, samples: Sequence[data.Sample], time
     for t in timesteps:
         out["iou"][str(t)] = segmentation_iou(world, samples, t)
     # which UNet levels' maps localise (level 1 = 16x16, 2 = 8x8, 3 = 4x4), and the extension's default
-    out["iou_by_levels"] = {",".join(map(str, lv)): segmentation_iou(world, samples, control_t, lv)
-                            for lv in ((1,), (2,), (3,), tuple(DEFAULT_MAP_LEVELS))}
+    out["iou_by_levels"] = {
+        ",".join(map(str, lv)): out["iou"][str(control_t)] if lv == world.map_levels and control_t in timesteps
+        else segmentation_iou(world, samples, control_t, lv)
+        for lv in ((1,), (2,), (3,), tuple(DEFAULT_MAP_LEVELS))}
     nouns, same, swap_true, swap_other = [], [], [], []
     for s in samples:
         res = world.segment(s.image, list(data.REGIONS), control_t)
@@ -359,9 +361,9 @@ def evaluate_generation(world: World, samples: Sequence[data.Sample], chosen: Se
                                       map_levels=world.map_levels)
                 with FusionSession(world.unet, world.layers, world.ip, tokens.cond, tokens.negative, config) as fusion:
                     out = sample_images(world, prompts, noise, steps, scale, fusion, groups, seed=index)
-            plain = plain_out if setting.name != "no adapter" else out
-            plain_out = plain
-            for img, base, (_, bg, position, _) in zip(out, plain, asks):
+            if setting.name == "no adapter":
+                plain_out = out
+            for img, base, (_, bg, position, _) in zip(out, plain_out, asks):
                 row = judge(img, sample, bg, position)
                 # how much the setting changes the picture at all: mean |pixel - no adapter's|, 0..1
                 row["change"] = float(np.abs(img.astype(np.float64) - base.astype(np.float64)).mean() / 255.0)
