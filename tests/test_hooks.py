@@ -102,37 +102,32 @@ def f_linear_forward(self, x, context=None, mask=None, **kwargs):
     return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
 
 
+def _attend(self, q, context):
+    """Multi-head attention of queries q (B, N, C) over context, before the output projection."""
+    h = self.heads
+    k, v = self.to_k(context), self.to_v(context)
+    b, n, c = q.shape
+    q, k, v = (t.view(b, -1, h, c // h).transpose(1, 2) for t in (q, k, v))
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+
+
 def chunked_q_forward(self, x, context=None, mask=None, **kwargs):
     """A forward that calls to_q twice (on halves): the capture is ambiguous and must not be used."""
     half = x.shape[1] // 2
     q = torch.cat([self.to_q(x[:, :half]), self.to_q(x[:, half:])], dim=1)
-    h = self.heads
-    context = x if context is None else context
-    k, v = self.to_k(context), self.to_v(context)
-    b, n, c = q.shape
-    q, k, v = (t.view(b, -1, h, c // h).transpose(1, 2) for t in (q, k, v))
-    return self.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+    return self.to_out(_attend(self, q, x if context is None else context))
 
 
 def functional_out_forward(self, x, context=None, mask=None, **kwargs):
     """A forward that applies to_out's weights with F.linear: our to_out[0] pre-hook cannot fire."""
-    h = self.heads
-    context = x if context is None else context
-    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-    b, n, c = q.shape
-    q, k, v = (t.view(b, -1, h, c // h).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    out = _attend(self, self.to_q(x), x if context is None else context)
     return F.linear(out, self.to_out[0].weight, self.to_out[0].bias)
 
 
 def chunked_out_forward(self, x, context=None, mask=None, **kwargs):
     """A forward that projects the attention output in two halves: no to_out[0] call sees all of it."""
-    h = self.heads
-    context = x if context is None else context
-    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-    b, n, c = q.shape
-    q, k, v = (t.view(b, -1, h, c // h).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+    out = _attend(self, self.to_q(x), x if context is None else context)
+    n = out.shape[1]
     return torch.cat([self.to_out(out[:, : n // 2]), self.to_out(out[:, n // 2:])], dim=1)
 
 
