@@ -92,13 +92,13 @@ def _from_string(text: str, max_pixels: int) -> Image.Image:
         header, comma, payload = s.partition(",")
         if not comma or ";base64" not in header:
             raise ImageInputError(f"data URL '{header[:40]}' has no ';base64,' payload")
-        return _decode_bytes(_b64decode(payload, "data URL payload"), "data URL image", max_pixels)
+        return _decode_bytes(decode_base64(payload, "data URL payload"), "data URL image", max_pixels)
     if s.startswith(("http://", "https://")):
         raise ImageInputError(f"URLs are not fetched ({s[:60]}); send the image itself or base64")
     if len(s) < 4096 and os.path.exists(s):
         return _from_file(s, max_pixels)
     try:
-        data = _b64decode(s, "base64 string")
+        data = decode_base64(s, "base64 string")
     except ImageInputError as err:
         if len(s) < 4096 and (os.sep in s or "/" in s or "." in s):
             raise ImageInputError(f"file not found: '{s}' (and the string is not base64 either)") from err
@@ -106,7 +106,7 @@ def _from_string(text: str, max_pixels: int) -> Image.Image:
     return _decode_bytes(data, f"base64 string of {len(s)} chars", max_pixels)
 
 
-def _b64decode(payload: str, what: str) -> bytes:
+def decode_base64(payload: str, what: str) -> bytes:
     """Strict base64 decode (whitespace and missing padding tolerated, url-safe alphabet too)."""
     p = "".join(payload.split())
     if not p:

@@ -4,15 +4,13 @@ Every number the user sees is checked here once, with an error that names the fi
 sampling hot path then trusts these values.
 """
 
-import base64
-import binascii
 import json
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import CharacterAdapterError, ImageInputError
-from .images import load_image
+from .images import decode_base64, load_image
 
 MAX_REGIONS = 4
 MAX_PHRASE_CHARS = 200
@@ -361,12 +359,9 @@ def _base64_payload(name: str, text: str) -> bytes:
     if not compact:
         raise ParamError(name, "the data URL has no base64 payload")
     try:
-        data = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
-    except (binascii.Error, ValueError):
+        return decode_base64(compact, "the base64 text")
+    except ImageInputError:
         raise ParamError(name, f"not base64 (starts with {compact[:20]!r}); file paths are not accepted") from None
-    if not data:
-        raise ParamError(name, "the base64 text decodes to 0 bytes")
-    return data
 
 
 def _auto_encoder(name: str) -> str:
