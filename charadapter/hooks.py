@@ -329,13 +329,25 @@ class _Slot:
 _NO_CONTEXT = contextlib.nullcontext()
 
 
+def _autocast_query():
+    """torch.is_autocast_enabled(device_type), also on torch < 2.4 (the WebUI's 2.1), where the
+    query takes no argument and is CUDA-only: picked once, not by a TypeError per attn2 call."""
+    try:
+        torch.is_autocast_enabled("cpu")
+        return torch.is_autocast_enabled
+    except TypeError:
+        return lambda device_type: (torch.is_autocast_enabled() if device_type == "cuda"
+                                    else torch.is_autocast_cpu_enabled())
+
+
+_autocast_enabled = _autocast_query()
+
+
 def _plain_math(device: torch.device):
     """The term's math without autocast: its inputs already have the host's dtypes, and autocast
     (the WebUI samples fp16 models under it) would add a cast around softmax and every matmul."""
     try:
-        active = torch.is_autocast_enabled(device.type)
-    except TypeError:  # torch < 2.4: CUDA-only query, CPU has its own
-        active = torch.is_autocast_enabled() if device.type == "cuda" else torch.is_autocast_cpu_enabled()
+        active = _autocast_enabled(device.type)
     except RuntimeError:  # a device type without autocast (meta)
         active = False
     return torch.autocast(device_type=device.type, enabled=False) if active else _NO_CONTEXT

@@ -430,3 +430,14 @@ def test_term_rides_on_the_hosts_out_projection(unet, inputs):
     dense = ("aten.mm", "aten.addmm", "aten.linear")
     assert [n for n in hooked_ops.names if n in dense] == [n for n in plain_ops.names if n in dense]
     assert hooked_ops.names.count("aten.baddbmm") == 16  # one fused (values @ probs + output) per layer
+
+
+def test_autocast_query_is_picked_once_for_old_torch(monkeypatch):
+    """torch < 2.4 (the WebUI's 2.1) has a no-argument, CUDA-only is_autocast_enabled."""
+    from charadapter import hooks
+
+    assert hooks._autocast_query() is torch.is_autocast_enabled  # this torch takes the device type
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda: "cuda-flag")
+    monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: "cpu-flag", raising=False)
+    query = hooks._autocast_query()
+    assert query("cuda") == "cuda-flag" and query("cpu") == "cpu-flag"
