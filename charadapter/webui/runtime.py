@@ -163,7 +163,7 @@ class RowCheck:
         is_uncond, is_cond = _starts_like(context, self._uncond), _starts_like(context, self._cond)
         if is_uncond is None or is_cond is None:
             return None
-        is_uncond, is_cond = is_uncond.cpu(), is_cond.cpu()  # one device sync per UNet call
+        is_uncond, is_cond = torch.stack((is_uncond, is_cond)).cpu()  # one device sync per UNet call
         if not bool((is_uncond ^ is_cond).all()):
             return None  # a row like both (same prompt and negative) or like neither
         return torch.where(is_uncond, UNCOND, COND).long()
