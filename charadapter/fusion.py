@@ -110,6 +110,7 @@ class FusionSession:
             map_layers=frozenset() if config.global_only else frozenset(l.index for l in map_layers(self.layers, config.map_levels)),
             before_call=self._before_call,
             after_call=self._after_call,
+            masks_weighted=not config.global_only,
             enabled=False,
         )
         self._session: Optional[HookSession] = None
@@ -119,13 +120,12 @@ class FusionSession:
         self.plan: Optional[RowPlan] = None
         self._cursor = 0
         self._call_rows: List[int] = []
-        self._call_groups: Optional[TokenGroups] = None
         self._map_picks: List[Tuple[int, int]] = []  # (row among the call's map rows, image) to add up
         self._layout: Optional[torch.Tensor] = None  # (I, R+1, N_latent) on the UNet's device
         self._call_masks: Dict[Tuple[int, ...], Dict[Size, torch.Tensor]] = {}  # images of a call -> masks
         self._map_sums: Dict[Size, torch.Tensor] = {}  # grid -> (I, R, N_grid): this step's maps, summed
         self._map_counts: List[float] = []  # per image: maps summed (layers x rows x calls)
-        self._device_weights: Dict[Tuple[torch.device, bool], torch.Tensor] = {}
+        self._device_weights: Dict[torch.device, torch.Tensor] = {}
         self._row_index: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
         self.calls_with_adapter = 0  # UNet calls that got the region term (tests, diagnostics)
 
@@ -148,12 +148,11 @@ class FusionSession:
 
     def remove(self) -> None:
         """Remove every hook and drop per-step tensors; safe to call twice."""
-        session, self._session = self._session, None
-        self.state.enabled = False
-        self._forget_step()
-        self.state.maps.clear()
-        if session is not None:
-            session.remove()
+        try:
+            self.detach_hooks()
+        finally:
+            self._forget_step()
+            self.state.maps.clear()
 
     def detach_hooks(self) -> None:
         """Remove the hooks but keep the layout and the maps gathered so far; `install()` goes on.
@@ -278,16 +277,14 @@ class FusionSession:
             return
         cond = [plan.is_cond[r] for r in self._call_rows]
         state.rows = torch.tensor([COND if c else UNCOND for c in cond], dtype=torch.long)
-        # in the window: the configured weights; before it: maps only
+        # in the window: the configured weights; before it: maps only (the weights go unread)
         state.add_term = self.in_window
-        state.weights = self._weights_now(x.device)
-        state.masks_weighted = not self.config.global_only
+        state.weights = self._weights if self.config.global_only else self._weights_on(x.device)
         if self.config.global_only or not self.in_window:
             state.masks = None
         else:
             state.masks = self._masks_for(tuple(plan.image[r] for r in self._call_rows), x.device)
-        self._call_groups = self._groups_for_maps(cond)
-        groups = self._call_groups
+        groups = self._groups_for_maps(cond)
         state.token_groups = state.map_rows = None
         self._map_picks = []
         if self.collecting and groups and any(groups):
@@ -298,17 +295,11 @@ class FusionSession:
             self._map_picks = [(i - local[0], plan.image[self._call_rows[i]]) for i in local]
         state.enabled = True
 
-    def _weights_now(self, device: torch.device) -> torch.Tensor:
-        """w * w_r, or zeros before the window; on the UNet's device except for the one-region scalar."""
-        if self.config.global_only:
-            return self._weights if self.in_window else torch.zeros_like(self._weights)
-        return self._weights_on(device, zero=not self.in_window)
-
-    def _weights_on(self, device: torch.device, zero: bool = False) -> torch.Tensor:
-        found = self._device_weights.get((device, zero))
+    def _weights_on(self, device: torch.device) -> torch.Tensor:
+        """w * w_r on the UNet's device (a global-only session passes its CPU scalar instead)."""
+        found = self._device_weights.get(device)
         if found is None:
-            weights = torch.zeros_like(self._weights) if zero else self._weights
-            found = self._device_weights[(device, zero)] = weights.to(device)
+            found = self._device_weights[device] = self._weights.to(device)
         return found
 
     def _groups_for_maps(self, cond: List[bool]) -> Optional[TokenGroups]:

@@ -182,7 +182,7 @@ class RegionState:
     before_call: Optional[Callable[["RegionState", torch.Tensor], None]] = None  # (state, x) at UNet entry
     after_call: Optional[Callable[["RegionState"], None]] = None                 # at UNet exit
     enabled: bool = True
-    add_term: bool = True                                    # False: record maps only (weights all 0)
+    add_term: bool = True                                    # False: record maps only (weights unread)
     map_rows: Optional[slice] = None                         # rows of the call whose maps are recorded
     masks_weighted: bool = False                             # masks already hold w * w_r * M_r
     # written by the hooks, per UNet call

@@ -56,7 +56,7 @@ def capture_region_maps(
     def keep_maps(state: RegionState) -> None:
         recorded.extend((hw, maps[row].float().cpu()) for _, (hw, maps) in sorted(state.maps.items()))
 
-    # zero-width image tokens are not allowed: one zero token per layer, weight 0, adds exactly 0
+    # maps only (add_term False); plan_region_hooks wants one (k, v) per layer: a zero token each
     kv = [(torch.zeros(1, 1, 1, layer.inner_dim), torch.zeros(1, 1, 1, layer.inner_dim)) for layer in layers]
     state = RegionState(kv=kv, weights=torch.zeros(1), map_layers=frozenset(l.index for l in chosen),
                         token_groups=[list(g) for g in token_groups], after_call=keep_maps, add_term=False)
