@@ -9,10 +9,9 @@ region order. Over the channel axis they sum to 1 at every position.
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from .errors import GeometryError
-from .geometry import Size, check_grid, downsampled_hw, resize_maps
+from .geometry import Size, downsampled_hw, resize_maps
 
 BACKGROUND = 0
 
@@ -75,22 +74,15 @@ def area_pyramid(maps: torch.Tensor, latent_hw: Size, levels: Iterable[int]) -> 
     Levels only shrink the latent grid; an area average of masks that sum to 1 over the channels
     still sums to 1 and stays in [0, 1], and it is linear (weights can be applied before or after).
     """
-    check_grid(latent_hw, maps.shape[-1])
-    batch, regions = maps.shape[:2]
-    grid = maps.float().reshape(batch * regions, 1, *latent_hw)  # (B*R, 1, h, w)
-    pyramid = {}
-    for level in sorted(set(levels)):
-        hw = downsampled_hw(latent_hw, level)
-        pooled = grid if hw == tuple(latent_hw) else F.adaptive_avg_pool2d(grid, hw)  # = interpolate "area"
-        pyramid[hw] = pooled.reshape(batch, regions, hw[0] * hw[1])  # (B, R, N_level)
-    return pyramid
+    maps = maps.float()
+    return {hw: resize_maps(maps, latent_hw, hw)  # shrinking: an area average; (B, R, N_level)
+            for hw in (downsampled_hw(latent_hw, level) for level in sorted(set(levels)))}
 
 
 def mask_pyramid(
     masks: torch.Tensor, latent_hw: Size, levels: Iterable[int],
 ) -> Dict[Tuple[int, int], torch.Tensor]:
     """Region masks (B, R, N_level) for every level's grid, keyed by (h, w); background dropped."""
-    check_grid(latent_hw, masks.shape[-1])
     return area_pyramid(masks[:, BACKGROUND + 1:], latent_hw, levels)
 
 
