@@ -185,9 +185,7 @@ class Runner:
         self.last_hook_ms = 0.0
         for session in self.sessions.values():
             if session is not None:
-                session.install()
                 session.begin_pass((latent, latent), 10_000)  # the window stays open for every step
-                session.detach_hooks()
 
     def call(self) -> torch.Tensor:
         with _autocast(self.device, self.dtype):
@@ -224,6 +222,17 @@ class Runner:
         self.last_hook_ms = begin_ms + clock.ms
         self.steps[mode] += 1
         return elapsed, out
+
+    def steady_step_in(self, mode: str, counter) -> None:
+        """Two steps of `mode` (the second folds maps: steady from there), then one more inside
+        `counter` (an op or FLOP counting mode), untimed."""
+        self.step(mode)
+        self.step(mode)
+        session = self.sessions[mode]
+        with self.hooked(mode), torch.no_grad(), counter:
+            if session is not None:
+                session.begin_step(self.steps[mode], self.plan)
+            self.call()
 
     def close(self) -> None:
         for session in self.sessions.values():
@@ -335,14 +344,8 @@ def count_ops(device: torch.device, dtype: torch.dtype, attention: str, tokens: 
     try:
         with host_attention(unet, attention):
             for mode in MODES:
-                runner.step(mode)
-                runner.step(mode)  # the second step folds maps: steady state from here on
                 counter = _OpCounter()
-                session = runner.sessions[mode]
-                with runner.hooked(mode), torch.no_grad(), counter:
-                    if session is not None:
-                        session.begin_step(runner.steps[mode], runner.plan)
-                    runner.call()
+                runner.steady_step_in(mode, counter)
                 counts[mode] = counter.ops
     finally:
         runner.close()
@@ -365,14 +368,8 @@ def count_flops(config: dict, size: int, attention: str, tokens: int, seed: int)
     try:
         with host_attention(unet, attention):
             for mode in MODES:
-                runner.step(mode)
-                runner.step(mode)  # steady from here on
                 counter = FlopCounterMode(display=False)
-                session = runner.sessions[mode]
-                with runner.hooked(mode), torch.no_grad(), counter:
-                    if session is not None:
-                        session.begin_step(runner.steps[mode], runner.plan)
-                    runner.call()
+                runner.steady_step_in(mode, counter)
                 flops[mode] = round(counter.get_total_flops() / 1e9, 2)
     finally:
         runner.close()
