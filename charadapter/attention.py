@@ -38,7 +38,7 @@ def _as_regions(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def _coefficients(
+def region_coefficients(
     masks: Optional[torch.Tensor], weights: Optional[torch.Tensor], batch: int, regions: int, positions: int,
     device: torch.device,
 ) -> torch.Tensor:
@@ -57,9 +57,6 @@ def _coefficients(
         )
     masks = masks.to(device=device, dtype=torch.float32).transpose(1, 2)  # (B, N, R)
     return masks if w is None else masks * w
-
-
-region_coefficients = _coefficients
 
 
 def _check_kv(q_shape: Tuple[int, ...], keys: torch.Tensor, values: torch.Tensor, heads: int):
@@ -155,7 +152,7 @@ def region_ip_delta(
     keys, values = _check_kv(tuple(q.shape), keys, values, heads)
     batch, positions, _ = q.shape
     ip = ip_heads(keys.to(q.dtype), values.to(q.dtype), heads, batch)
-    coef = _coefficients(masks, weights, batch, keys.shape[0], positions, q.device)  # (B|1, N|1, R)
+    coef = region_coefficients(masks, weights, batch, keys.shape[0], positions, q.device)  # (B|1, N|1, R)
     return add_region_ip(q, ip, coef.to(q.dtype))
 
 
@@ -185,7 +182,7 @@ def region_ip_delta_sdpa(
     out = F.scaled_dot_product_attention(qr, kr, vr)  # (R*B, H, N, D)
     out = out.view(regions, batch, heads, positions, dim).permute(1, 3, 0, 2, 4)  # (B, N, R, H, D)
     out = out.reshape(batch, positions, regions, width)  # (B, N, R, C)
-    coef = _coefficients(masks, weights, batch, regions, positions, q.device)  # (B|1, N|1, R)
+    coef = region_coefficients(masks, weights, batch, regions, positions, q.device)  # (B|1, N|1, R)
     return (out * coef.unsqueeze(-1).to(out.dtype)).sum(dim=2)  # (B, N, C)
 
 

@@ -270,7 +270,7 @@ def test_text_attention_probs():
 
 def test_add_region_ip_fuses_base_and_weight():
     """add_region_ip(base, alpha) == base + alpha * region_ip_delta; ip_heads keeps rows apart."""
-    from charadapter.attention import _coefficients, add_region_ip, ip_heads, region_ip_delta
+    from charadapter.attention import region_coefficients, add_region_ip, ip_heads, region_ip_delta
     gen = torch.Generator().manual_seed(9)
     q, base = torch.randn(2, 10, 24, generator=gen), torch.randn(2, 10, 24, generator=gen)
     keys, values = torch.randn(2, 2, 3, 24, generator=gen), torch.randn(2, 2, 3, 24, generator=gen)
@@ -278,7 +278,7 @@ def test_add_region_ip_fuses_base_and_weight():
     delta = region_ip_delta(q, keys, values, 3, masks, torch.tensor([0.3, 1.4]))
     ip = ip_heads(keys, values, 3)
     assert ip.keys.shape == (2, 24, 3 * 3 * 2) and ip.values.shape == (2, 18, 24)  # (B, C, T*H*R)
-    coef = _coefficients(masks, torch.tensor([0.3, 1.4]), 2, 2, 10, q.device)
+    coef = region_coefficients(masks, torch.tensor([0.3, 1.4]), 2, 2, 10, q.device)
     fused = add_region_ip(q, ip, coef, base=base, alpha=0.5)
     assert torch.allclose(fused, base + 0.5 * delta, atol=1e-6)
     assert torch.allclose(add_region_ip(q, ip, coef, alpha=0.5), 0.5 * delta, atol=1e-6)
