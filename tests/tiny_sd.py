@@ -227,6 +227,21 @@ def _cache_root() -> str:
     return _CACHE["root"]
 
 
+def tame_final_layer_norm(model: torch.nn.Module, seed: int) -> None:
+    """Give the text encoder's last LayerNorm a trained-looking affine part (bias mean 0.5).
+
+    A fresh LayerNorm (weight 1, bias 0) makes every token vector average exactly 0 over its
+    channels, so z.mean() is rounding noise (~1e-8) and the WebUI's "Original" emphasis,
+    z * (mean / mean'), divides noise by noise: NaN or wild scales, depending on the low bits a
+    library version happens to produce. Trained CLIP encoders have a clearly non-zero mean.
+    """
+    norm = model.get_submodule("text_model.final_layer_norm" if hasattr(model, "text_model") else "final_layer_norm")
+    gen = torch.Generator().manual_seed(1000 + seed)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.1 * torch.randn(norm.weight.shape, generator=gen))
+        norm.bias.copy_(0.5 + 0.1 * torch.randn(norm.bias.shape, generator=gen))
+
+
 def tiny_clip_dir(seed: int = 0) -> str:
     """A local folder FrozenCLIPEmbedder(version=...) loads: tokenizer files + a seeded tiny CLIP."""
     from transformers import CLIPTextModel
@@ -238,6 +253,7 @@ def tiny_clip_dir(seed: int = 0) -> str:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIPTextModel(tiny_clip_text_config())
+        tame_final_layer_norm(model, seed)
         model.save_pretrained(directory)
         _CACHE[key] = directory
     return _CACHE[key]
