@@ -122,6 +122,7 @@ class FusionSession:
         self._call_rows: List[int] = []
         self._map_picks: List[Tuple[int, int]] = []  # (row among the call's map rows, image) to add up
         self._layout: Optional[torch.Tensor] = None  # (I, R+1, N_latent) on the UNet's device
+        self._fixed_layout: Optional[torch.Tensor] = None  # (I, R+1, N_latent): fix_layout's, else None
         self._call_masks: Dict[Tuple[int, ...], Dict[Size, torch.Tensor]] = {}  # images of a call -> masks
         self._map_sums: Dict[Size, torch.Tensor] = {}  # grid -> (I, R, N_grid): this step's maps, summed
         self._map_counts: List[float] = []  # per image: maps summed (layers x rows x calls)
@@ -182,6 +183,8 @@ class FusionSession:
         latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
         if self._layout is not None and self.latent_hw is not None and latent_hw != self.latent_hw:
             self._layout = resize_masks(self._layout, self.latent_hw, latent_hw)
+            if self._fixed_layout is not None:
+                self._fixed_layout = resize_masks(self._fixed_layout, self.latent_hw, latent_hw)
         self.latent_hw = latent_hw
         self.total_steps = max(int(total_steps), 1)
         self.step = 0
@@ -197,6 +200,23 @@ class FusionSession:
         self.plan = plan
         self._cursor = 0
 
+    def fix_layout(self, layout: Optional[torch.Tensor]) -> None:
+        """Hold the layout at `layout` (I, R+1, N_latent), background first, instead of the image's
+        own maps, until called with None (after `begin_pass`). For measurements: the even-split
+        prior frozen (no dynamics), or known masks (the ceiling of dynamic fusion)."""
+        if layout is not None:
+            if self.config.global_only:
+                raise CharacterAdapterError("fix_layout: a global session (no regions) has no layout")
+            if self.latent_hw is None:
+                raise CharacterAdapterError("fix_layout before begin_pass: the latent size is unknown")
+            positions = self.latent_hw[0] * self.latent_hw[1]
+            if layout.ndim != 3 or tuple(layout.shape[1:]) != (self.regions + 1, positions):
+                raise CharacterAdapterError(
+                    f"fixed layout: expected (I, {self.regions + 1}, {positions}), got {tuple(layout.shape)}")
+            layout = layout.float()
+        self._fixed_layout = self._layout = layout
+        self._call_masks = {}
+
     @property
     def in_window(self) -> bool:
         """The adapter applies at this step (the user's start/end fractions)."""
@@ -206,7 +226,7 @@ class FusionSession:
     @property
     def collecting(self) -> bool:
         """Maps are still needed: some step at or after this one is in the window."""
-        return (self.config.weight > 0 and not self.config.global_only
+        return (self.config.weight > 0 and not self.config.global_only and self._fixed_layout is None
                 and self.step / self.total_steps < self.config.end)
 
     # ---- masks -------------------------------------------------------------------------
@@ -217,7 +237,12 @@ class FusionSession:
         self._map_counts = []
 
     def _fold_maps(self, images: int) -> None:
-        if self._map_sums and self.latent_hw is not None:
+        if self._fixed_layout is not None:
+            if self._fixed_layout.shape[0] != images:
+                raise CharacterAdapterError(
+                    f"fixed layout holds {self._fixed_layout.shape[0]} images, the step has {images}")
+            self._layout = self._fixed_layout
+        elif self._map_sums and self.latent_hw is not None:
             maps = None
             for hw, summed in self._map_sums.items():  # resizing is linear: sum first, resize once per grid
                 resized = resize_maps(summed, hw, self.latent_hw)  # (I, R, N_latent)

@@ -169,6 +169,75 @@ def test_global_region_matches_region_state(unet, layers, adapter):
     assert torch.equal(ours_out, expected)
 
 
+def test_fixed_layout_routes_each_region_where_it_says(unet, layers, adapter):
+    """fix_layout, oracle: a layout that gives every position to region 1 is a plain IP-Adapter with
+    region 1's tokens at weight w * w_1; it holds over the steps and no maps are gathered."""
+    ip, tokens, negative = adapter
+    x, t, ctx = inputs(4)
+    layout = torch.zeros(2, 4, LATENT[0] * LATENT[1])  # (I, R+1, N)
+    layout[:, 2] = 1.0
+    fusion = session(unet, layers, adapter)
+    outs = []
+    with fusion, torch.no_grad():
+        fusion.begin_pass(LATENT, 4)
+        fusion.fix_layout(layout)
+        for step in range(2):
+            fusion.begin_step(step, cfg_plan())
+            assert not fusion.collecting and torch.equal(fusion.masks, layout)
+            outs.append(unet(x, timesteps=t, context=ctx))
+            assert not fusion.state.maps and not fusion.state.grid_maps
+    cfg = FusionConfig(weight=0.8 * 0.7, region_weights=())
+    with FusionSession(unet, layers, ip, tokens[1:2], negative, cfg) as plain, torch.no_grad():
+        plain.begin_pass(LATENT, 4)
+        plain.begin_step(0, cfg_plan())
+        expected = unet(x, timesteps=t, context=ctx)
+    for out in outs:
+        assert (out - expected).abs().max() < 1e-5
+
+
+def test_fixed_even_split_freezes_the_first_steps_prior(unet, layers, adapter):
+    """The even-split prior frozen: every step equals step 0 (before any map), where the dynamic
+    session moves on; fix_layout(None) hands the layout back to the maps."""
+    x, t, ctx = inputs(4)
+    prior = torch.full((2, 4, LATENT[0] * LATENT[1]), 1.0 / 3)  # (I, R+1, N): regions 1/3, background 0
+    prior[:, 0] = 0.0
+    outs = {}
+    for frozen in (False, True):
+        fusion = session(unet, layers, adapter)
+        with fusion, torch.no_grad():
+            fusion.begin_pass(LATENT, 4)
+            if frozen:
+                fusion.fix_layout(prior)
+            outs[frozen] = []
+            for step in range(2):
+                fusion.begin_step(step, cfg_plan())
+                outs[frozen].append(unet(x, timesteps=t, context=ctx))
+            if frozen:
+                fusion.fix_layout(None)
+                assert fusion.collecting and fusion.masks is None
+    assert torch.allclose(outs[True][0], outs[False][0], atol=1e-6)  # step 0 of dynamic fusion is the prior
+    assert torch.allclose(outs[True][1], outs[True][0], atol=1e-6)
+    assert (outs[False][1] - outs[False][0]).abs().max() > 1e-4
+
+
+def test_fixed_layout_refuses_what_does_not_fit(unet, layers, adapter):
+    from charadapter.errors import CharacterAdapterError
+
+    fusion = session(unet, layers, adapter)
+    n = LATENT[0] * LATENT[1]
+    with pytest.raises(CharacterAdapterError, match="before begin_pass"):
+        fusion.fix_layout(torch.ones(2, 4, n))
+    fusion.begin_pass(LATENT, 4)
+    for bad in (torch.ones(2, 3, n), torch.ones(2, 4, n + 1), torch.ones(4, n)):
+        with pytest.raises(CharacterAdapterError, match="fixed layout"):
+            fusion.fix_layout(bad)
+    fusion.fix_layout(torch.ones(3, 4, n) / 4)
+    with pytest.raises(CharacterAdapterError, match="holds 3 images"):
+        fusion.begin_step(0, cfg_plan())
+    with pytest.raises(CharacterAdapterError, match="global session"):
+        session(unet, layers, adapter, regions=0).fix_layout(torch.ones(2, 2, n))
+
+
 def test_exception_mid_sampling_leaves_no_hook(unet, layers, adapter):
     fusion = session(unet, layers, adapter)
     with pytest.raises(RuntimeError):
