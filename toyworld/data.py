@@ -124,12 +124,10 @@ def _shade(rgb: Sequence[int], factor: float) -> Tuple[int, ...]:
     return tuple(int(c * factor) for c in rgb)
 
 
-def render(character: Character, layout: Layout, rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """Image (SIZE, SIZE, 3) uint8 and masks (3, SIZE, SIZE) bool of one figure; rng adds colour jitter."""
+def _draw_figure(draw: ImageDraw.ImageDraw, mark: ImageDraw.ImageDraw, character: Character, layout: Layout,
+                 rng: Optional[np.random.Generator], first_label: int) -> None:
+    """Draw one figure on a supersampled canvas; its regions get labels first_label + 0/1/2."""
     S = SIZE * SUPERSAMPLE
-    canvas = Image.new("RGB", (S, S), _jitter(rng, BACKGROUNDS[layout.background]))
-    labels = Image.new("L", (S, S), 0)  # 0 background, 1 face, 2 jacket, 3 trousers
-    draw, mark = ImageDraw.Draw(canvas), ImageDraw.Draw(labels)
     H = layout.height * S
     cx, bottom = layout.cx * S, layout.bottom * S
     squat = layout.pose == "squat"
@@ -140,6 +138,7 @@ def render(character: Character, layout: Layout, rng: Optional[np.random.Generat
     skin = _jitter(rng, SKIN_TONES[character.skin])
     jacket = _jitter(rng, GARMENT_COLOURS[character.jacket])
     trousers = _jitter(rng, GARMENT_COLOURS[character.trousers])
+    face_label, jacket_label, trousers_label = first_label, first_label + 1, first_label + 2
 
     def poly(points, colour, label):
         draw.polygon(points, fill=colour)
@@ -150,19 +149,20 @@ def render(character: Character, layout: Layout, rng: Optional[np.random.Generat
     spread = {"stand": 0.0, "walk": 0.14 * H, "squat": 0.12 * H}[layout.pose]
     half, gap = 0.5 * torso_w, 0.05 * H
     waist = hip + 0.12 * H
-    poly([(cx - half, hip), (cx + half, hip), (cx + half, waist), (cx - half, waist)], trousers, 3)
+    poly([(cx - half, hip), (cx + half, hip), (cx + half, waist), (cx - half, waist)], trousers, trousers_label)
     for side in (-1, 1):
         inner, outer = cx + side * gap, cx + side * half
         foot_in, foot_out = inner + side * spread, outer + side * spread
-        poly([(inner, waist - 1), (outer, waist - 1), (foot_out, bottom), (foot_in, bottom)], trousers, 3)
+        poly([(inner, waist - 1), (outer, waist - 1), (foot_out, bottom), (foot_in, bottom)], trousers, trousers_label)
     # jacket: torso plus sleeves (a T), a dark zip down the centre, optional horizontal stripes
     torso = [(cx - half, top + head_h), (cx + half, top + head_h), (cx + half, hip), (cx - half, hip)]
-    poly(torso, jacket, 2)
+    poly(torso, jacket, jacket_label)
     sleeve_h = 0.5 * torso_h
     for side in (-1, 1):
         a, b = cx + side * half, cx + side * 0.5 * sleeve_w
         shoulder = top + head_h + 0.03 * H
-        poly([(a, shoulder), (b, shoulder + 0.1 * H), (b, shoulder + sleeve_h + 0.1 * H), (a, shoulder + sleeve_h)], jacket, 2)
+        poly([(a, shoulder), (b, shoulder + 0.1 * H), (b, shoulder + sleeve_h + 0.1 * H), (a, shoulder + sleeve_h)],
+             jacket, jacket_label)
     if character.striped:
         dark = _shade(jacket, STRIPE_SHADE)
         y = top + head_h + SUPERSAMPLE
@@ -174,14 +174,53 @@ def render(character: Character, layout: Layout, rng: Optional[np.random.Generat
     # face: an ellipse on top, overlapping the collar
     face_box = (cx - 0.5 * head_w, top, cx + 0.5 * head_w, top + head_h + 0.02 * H)
     draw.ellipse(face_box, fill=skin)
-    mark.ellipse(face_box, fill=1)
+    mark.ellipse(face_box, fill=face_label)
+
+
+def render_scene(figures: Sequence[Tuple[Character, Layout]], background: str,
+                 rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Image (SIZE, SIZE, 3) uint8 and masks (F, 3, SIZE, SIZE) bool of F figures drawn in order
+    (a later figure hides an earlier one) on one background; rng adds colour jitter."""
+    S = SIZE * SUPERSAMPLE
+    canvas = Image.new("RGB", (S, S), _jitter(rng, BACKGROUNDS[background]))
+    labels = Image.new("L", (S, S), 0)  # 0 background, then 3 labels per figure: face, jacket, trousers
+    draw, mark = ImageDraw.Draw(canvas), ImageDraw.Draw(labels)
+    for f, (character, layout) in enumerate(figures):
+        _draw_figure(draw, mark, character, layout, rng, 1 + len(REGIONS) * f)
     image = np.asarray(canvas.resize((SIZE, SIZE), Image.BOX), dtype=np.uint8)
+    count = len(REGIONS) * len(figures)
     lab = np.asarray(labels, dtype=np.uint8).reshape(SIZE, SUPERSAMPLE, SIZE, SUPERSAMPLE)
-    counts = np.stack([(lab == r + 1).sum(axis=(1, 3)) for r in range(len(REGIONS))])  # (3, SIZE, SIZE)
+    counts = np.stack([(lab == k + 1).sum(axis=(1, 3)) for k in range(count)])  # (F*3, SIZE, SIZE)
     majority = counts.argmax(axis=0)
     inside = counts.max(axis=0) * 2 >= SUPERSAMPLE * SUPERSAMPLE
-    masks = np.stack([(majority == r) & inside for r in range(len(REGIONS))])
-    return image, masks
+    masks = np.stack([(majority == k) & inside for k in range(count)])  # (F*3, SIZE, SIZE)
+    return image, masks.reshape(len(figures), len(REGIONS), SIZE, SIZE)  # (F, 3, SIZE, SIZE)
+
+
+def render(character: Character, layout: Layout, rng: Optional[np.random.Generator] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Image (SIZE, SIZE, 3) uint8 and masks (3, SIZE, SIZE) bool of one figure; rng adds colour jitter."""
+    image, masks = render_scene([(character, layout)], layout.background, rng)
+    return image, masks[0]
+
+
+def other_layout(rng: np.random.Generator, avoid: Optional[Layout] = None, pose: str = "stand") -> Layout:
+    """A random layout with another background than `avoid`'s (position and size random)."""
+    backgrounds = [b for b in BACKGROUNDS if avoid is None or b != avoid.background]
+    background = backgrounds[rng.integers(len(backgrounds))]
+    position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+    return layout_for(rng, background, position, SIZES[rng.integers(len(SIZES))], pose)
+
+
+def with_other(character: Character, region: str, rng: np.random.Generator) -> Character:
+    """The same character with exactly one region changed: another skin tone, or another garment
+    colour that differs from the other garment's too (so the phrases still tell them apart)."""
+    if region == "face":
+        skins = [k for k in SKIN_TONES if k != character.skin]
+        return replace(character, skin=skins[rng.integers(len(skins))])
+    taken = {character.jacket, character.trousers}
+    colours = [c for c in GARMENT_COLOURS if c not in taken]
+    colour = colours[rng.integers(len(colours))]
+    return replace(character, **{region: colour})
 
 
 # --------------------------------------------------------------------------- captions
