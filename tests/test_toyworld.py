@@ -91,6 +91,79 @@ def test_region_phrases_are_found_in_prompts_at_the_same_positions():
     assert len(groups) == 1 and all(len(g) == 1 for g in next(iter(groups)))
 
 
+def test_a_scene_places_several_figures_and_a_later_one_hides_an_earlier_one():
+    c1, c2 = data.Character("pale", "red", "blue"), data.Character("dark", "green", "yellow", True)
+    l1 = data.Layout("white", 0.4, 0.95, 0.8)
+    l2 = data.Layout("white", 0.55, 0.9, 0.7)
+    image, masks = data.render_scene([(c1, l1), (c2, l2)], "white")
+    assert masks.shape == (2, 3, data.SIZE, data.SIZE)
+    assert (masks.reshape(6, data.SIZE, data.SIZE).sum(axis=0) <= 1).all()  # one label per pixel
+    alone, _ = data.render(c1, l1)
+    _, first_alone = data.render_scene([(c1, l1)], "white")
+    hidden = first_alone[0].any(axis=0) & masks[1].any(axis=0)
+    assert hidden.sum() > 20 and not (masks[0].any(axis=0) & hidden).any()  # the overlap is figure 2's
+    assert np.array_equal(alone, data.render_scene([(c1, l1)], "white")[0])
+    for f, c in enumerate((c1, c2)):
+        for r, region in enumerate(data.REGIONS):
+            assert masks[f, r].sum() >= 8, (f, region)
+
+
+def test_a_changed_reference_differs_in_its_one_region_only():
+    from toyworld.teacher import references
+
+    for ref in references(4):
+        _, masks = data.render(ref.character, ref.layout)
+        for r, region in enumerate(data.REGIONS):
+            other = ref.changed(region)
+            changed = [k for k in data.REGIONS if other.character.colour(k) != ref.character.colour(k)]
+            assert changed == [region] and other.character.jacket != other.character.trousers
+            assert other.layout == ref.layout
+            diff = (ref.image != other.image).any(axis=-1)
+            near = np.zeros_like(masks[r])  # the region and its anti-aliased rim
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    near |= np.roll(np.roll(masks[r], dy, axis=0), dx, axis=1)
+            assert diff.sum() >= 0.8 * masks[r].sum() and not (diff & ~near).any(), region
+
+
+def test_teacher_forced_targets_and_their_layout():
+    from toyworld.teacher import make_batch, references, targets_for
+
+    ref = references(1)[0]
+    scenes = targets_for(ref, 2)
+    for scene in scenes:
+        (character, layout), = scene.figures
+        assert character == ref.character and layout.background != ref.layout.background
+        assert "face" in scene.prompt and ref.character.jacket not in scene.prompt.split()
+        assert scene.colour_prompt.split().count(ref.character.jacket) >= 1
+        lay = scene.layout()  # (R+1, N): background first, one-hot
+        assert lay.shape == (4, data.SIZE ** 2) and torch.equal(lay.sum(dim=0), torch.ones(data.SIZE ** 2))
+        assert torch.equal(lay[1:].reshape(3, data.SIZE, data.SIZE).bool(), torch.from_numpy(scene.masks[0]))
+    batch = make_batch(scenes, [5, 6], [100, 500, 900])
+    assert batch.x0.shape == (12, 3, data.SIZE, data.SIZE) and batch.masks.shape == (12, 4, data.SIZE, data.SIZE)
+    assert sorted(set(batch.unit.tolist())) == [0, 1, 2, 3] and batch.t.tolist()[:3] == [100, 500, 900]
+    assert torch.equal(batch.noise[0], batch.noise[2]) and not torch.equal(batch.noise[0], batch.noise[3])
+
+
+def test_teacher_forced_statistics_on_known_numbers():
+    """Gains are per-timestep ratios of mean errors averaged over timesteps; the bootstrap resamples
+    references, then units within them, and reproduces the point value when nothing varies."""
+    from toyworld.teacher import bootstrap_rows, gain, interval, rise
+
+    step = np.array([0, 0, 1, 1])
+    base = np.array([[1.0, 2.0], [3.0, 2.0], [0.5, 1.0], [0.5, 1.0]])  # (rows, regions)
+    half = base * np.array([0.5, 1.0])
+    assert np.allclose(gain(half, base, step), [0.5, 0.0])
+    assert np.allclose(gain(base, base, step), [0.0, 0.0])
+    worse = base + np.array([[0.4, 0.0], [0.4, 0.0], [0.1, 0.0], [0.1, 0.0]])
+    assert np.allclose(rise(worse, base, base, step), [0.5 * (0.4 / 2 + 0.1 / 0.5), 0.0])
+    units = np.tile([0, 0, 1, 1], (3, 1))  # 3 references, 2 units of 2 rows each
+    picks = bootstrap_rows(3, units, np.random.default_rng(0))
+    assert len(picks) == 6 and all(0 <= r < 3 and len(rows) == 2 for r, rows in picks)
+    lo, hi = interval(lambda p: np.array([len(p)]), 3, units, 20)
+    assert lo[0] == hi[0] == 6
+
+
 # ---------------------------------------------------------------------------- trained files
 
 weights_needed = pytest.mark.skipif(

@@ -20,6 +20,7 @@ Metrics (ground truth from toyworld.data):
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -27,21 +28,15 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from charadapter.adapter import RegionEncoder
 from charadapter.fusion import FusionConfig, FusionSession, RowPlan
-from charadapter.layers import DEFAULT_MAP_LEVELS, find_attn2_layers
-from charadapter.reference import SEGMENTATION_SEED, noise_latent, segment_reference, segmentation_prompt
+from charadapter.layers import DEFAULT_MAP_LEVELS
 from charadapter.segmentation import region_crops
-from charadapter.tokens import phrase_positions
 
-from . import data
-from .model import WEIGHTS, load_image_side, load_sd
+from . import data, teacher
+from .model import WEIGHTS
+from .world import MAP_LEVELS, TextWorld, World, iou
 
 SEG_TIMESTEPS = (50, 150, 250, 450, 650, 850)
-# The toy's text maps that localise: its 16x16 layers (level 1). Its 8x8 layers, which the
-# extension's default (1, 2) adds, have 4-pixel cells and stay near chance (the per-level rows
-# of the table); at 512 px on SD1.5 the same levels are 32x32 and 16x16 latent cells.
-MAP_LEVELS = (1,)
 GEN_PHRASES = ("face", "jacket", "trousers")
 
 
@@ -73,58 +68,7 @@ def settings(seg_t: int) -> List[Setting]:
 QUICK = ("no adapter", "IP-Adapter (global)", "CA hard", "CA soft t0.1 bg0.4")
 
 
-class TextWorld:
-    """A toy text-to-image model and what segmentation needs of it (training probes use this)."""
-
-    def __init__(self, model, map_levels: Sequence[int] = MAP_LEVELS):
-        self.model = model
-        self.map_levels = tuple(map_levels)
-        self.unet = model.model.diffusion_model
-        self.layers = find_attn2_layers(self.unet)
-        self.tokenizer = model.cond_stage_model.tokenizer
-        self.alphas = model.alphas_cumprod.float()
-
-    @torch.no_grad()
-    def cond(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.model.get_learned_conditioning(list(prompts))
-
-    def groups(self, text: str, phrases: Sequence[str]) -> Tuple[Tuple[int, ...], ...]:
-        chunks = [self.tokenizer.chunk(text)]
-        return tuple(tuple(phrase_positions(chunks, self.tokenizer.encode_words(p))) for p in phrases)
-
-    def segment(self, image: np.ndarray, phrases: Sequence[str], timestep: int, threshold: float = 0.5,
-                levels: Optional[Sequence[int]] = None):
-        """What the runtime's _segment does, at the toy model's native 32 px."""
-        text = segmentation_prompt(phrases)
-        groups = self.groups(text, phrases)
-        x = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
-        with torch.no_grad():
-            latent = self.model.get_first_stage_encoding(self.model.encode_first_stage(x))
-            cond = self.cond([text])
-            noisy = noise_latent(latent, self.alphas, timestep, SEGMENTATION_SEED)
-            t = torch.tensor([float(timestep)])
-            result, _ = segment_reference(self.unet, self.layers, lambda: self.model.apply_model(noisy, t, cond),
-                                          tuple(noisy.shape[-2:]), groups, levels=levels or self.map_levels,
-                                          threshold=threshold)
-        return result
-
-
-class World(TextWorld):
-    """The loaded toy models and the extension's objects built on them."""
-
-    def __init__(self, weights: str = WEIGHTS, map_levels: Sequence[int] = MAP_LEVELS):
-        super().__init__(load_sd(weights), map_levels)
-        self.adapter, self.clip = load_image_side(weights)
-        self.encoder = RegionEncoder(self.adapter, self.clip)
-        self.ip = [(k.float(), v.float()) for k, v in self.adapter.layers]
-
-
 # --------------------------------------------------------------------------- segmentation
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = np.logical_or(a, b).sum()
-    return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
 def prior_iou(samples: Sequence[data.Sample], n_train: int = 400) -> Dict[str, float]:
@@ -212,10 +156,11 @@ def gen_prompts(sample: data.Sample, rng: np.random.Generator, count: int,
 @torch.no_grad()
 def sample_images(world: World, prompts: Sequence[str], noise: torch.Tensor, steps: int, scale: float,
                   fusion: Optional[FusionSession] = None, groups=None, eta: float = 1.0,
-                  seed: int = 0) -> np.ndarray:
+                  seed: int = 0, layouts: Optional[List[Optional[torch.Tensor]]] = None) -> np.ndarray:
     """DDIM with CFG; eta 1 (ancestral, fresh noise from `seed` each step) by default: the toy
     model's deterministic (eta 0) trajectories keep visible noise, its ancestral ones give clean
-    figures. The fusion session gets the WebUI's events: pass start, each step's rows."""
+    figures. The fusion session gets the WebUI's events: pass start, each step's rows; `layouts`
+    collects the layout each step fused with (None: the even-split prior)."""
     n = len(prompts)
     cond = torch.cat([world.cond(prompts), world.cond([""] * n)])  # cond rows first, then uncond
     timesteps = np.linspace(world.model.num_timesteps - 1, 0, steps).round().astype(int)
@@ -228,6 +173,8 @@ def sample_images(world: World, prompts: Sequence[str], noise: torch.Tensor, ste
     for i, t in enumerate(timesteps):
         if fusion is not None:
             fusion.begin_step(i, plan)
+            if layouts is not None:
+                layouts.append(fusion.masks)
         eps = world.model.apply_model(torch.cat([x, x]), torch.full((2 * n,), float(t)), cond)
         e_cond, e_uncond = eps.chunk(2)
         e = e_uncond + scale * (e_cond - e_uncond)
@@ -440,7 +387,13 @@ def run(refs: int = 6, prompts_per_ref: int = 4, steps: int = 40, scale: float =
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Toy-world ablation of Character-Adapter")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--teacher-forced" in argv:  # the teacher-forced evaluation has its own options (toyworld.teacher)
+        argv.remove("--teacher-forced")
+        teacher.main(argv)
+        return
+    parser = argparse.ArgumentParser(description="Toy-world ablation of Character-Adapter "
+                                                 "(--teacher-forced: the teacher-forced evaluation, see --teacher-forced -h)")
     parser.add_argument("--refs", type=int, default=6, help="reference characters for generation")
     parser.add_argument("--seg-refs", type=int, default=16, help="references for segmentation IoU")
     parser.add_argument("--prompts", type=int, default=4, help="prompts (layouts/backgrounds) per reference")
