@@ -144,13 +144,21 @@ def build_clip(seed: int = 0):
 class ToyAdapter(torch.nn.Module):
     """The trainable IP-Adapter parts: image projection and to_k_ip/to_v_ip per attn2 layer."""
 
-    def __init__(self, layer_widths, context_dim: int = 768, tokens: int = IMAGE_TOKENS, seed: int = 0):
+    def __init__(self, layer_widths, context_dim: int = 768, tokens: int = IMAGE_TOKENS, seed: int = 0,
+                 text_kv=None):
+        """`text_kv`: per layer the text attention's (to_k, to_v) weights to start from, as
+        IP-Adapter's training does (the image tokens start out read like text tokens); None: random
+        keys and zero values (the term starts as a no-op)."""
         super().__init__()
         from charadapter.projection import ImageProjection
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.image_proj = ImageProjection(CLIP_PROJECTION, context_dim, tokens)
+            if text_kv is not None:
+                self.to_k_ip = torch.nn.ParameterList(torch.nn.Parameter(k.detach().clone().float()) for k, _ in text_kv)
+                self.to_v_ip = torch.nn.ParameterList(torch.nn.Parameter(v.detach().clone().float()) for _, v in text_kv)
+                return
             self.to_k_ip = torch.nn.ParameterList(
                 torch.nn.Parameter(torch.randn(w, context_dim) * context_dim ** -0.5) for w in layer_widths)
             self.to_v_ip = torch.nn.ParameterList(

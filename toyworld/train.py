@@ -2,17 +2,25 @@
 
 Stage 1, the text-to-image model: epsilon-prediction on synthetic characters and captions, text
 encoder trained jointly, 10 % caption dropout, AdamW + warm-up, EMA weights saved.
-Stage 2, the IP-Adapter the IP-Adapter way: the stage-1 model frozen, the reference is the
-target image itself (or, half of the time, a full-width strip of it padded to a square, the
-crop Character-Adapter feeds a region), 10 % image dropout to the negative tokens, 10 % text
-dropout. The toy CLIP image encoder has no pretraining, so it is trained with the adapter.
-The image term goes through the extension's own hooks (charadapter.hooks), so training and
-inference add it with the same code.
+Stage 2, the image encoder: the toy CLIP has no pretraining, so it first learns what a real CLIP
+already sees: a linear read-out of its image embeds names the character's skin, garment colours
+and stripes from a rendering (whole, or a strip of one region: only what the strip shows). No UNet.
+Stage 3, the IP-Adapter the IP-Adapter way, base and encoder frozen: to_k_ip / to_v_ip start
+from the text attention's to_k / to_v (IP-Adapter's initialisation); the reference is ANOTHER
+rendering of the target's character (other background, position and size), whole or, half of
+the time, a full-width strip of one region padded to a square (the crop Character-Adapter feeds
+a region), so the adapter learns who the character is rather than where its pixels are; captions
+omit a region's colour 60 % of the time; 10 % image dropout to the negative tokens, 10 % text
+dropout. The image term goes through the extension's own hooks (charadapter.hooks), so training
+and inference add it with the same code. Every 50 steps it logs the teacher-forced gain of the
+plain adapter on held-out characters (toyworld.teacher's measurement, reduced): the loss barely
+moves when the adapter starts to help.
 
 Every 150 base steps the segmentation IoU of the EMA model on 24 held-out references is logged:
 the loss says little about whether the text maps localise yet.
 
-Two threads (this machine's cores) by default; on a shared, busy machine `--threads 1` was faster.
+`--skip-base` reuses the saved base model and trains stages 2 and 3 only. Two threads (this
+machine's cores) by default; on a shared, busy machine `--threads 1` was faster.
 """
 
 import argparse
@@ -20,6 +28,7 @@ import copy
 import math
 import os
 import time
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -55,7 +64,8 @@ PROBE_TIMESTEPS = (50, 150)
 def probe(model, samples) -> str:
     """Segmentation IoU of the EMA model on held-out references: whether the text maps localise
     yet (the loss says little about that)."""
-    from .evaluate import TextWorld, segmentation_iou
+    from .evaluate import segmentation_iou
+    from .world import TextWorld
 
     world = TextWorld(model)
     parts = []
@@ -104,73 +114,214 @@ def train_base(steps: int, batch_size: int, out: str, save_every: int = 300, pro
     return ema
 
 
-def strip_of(sample: data.Sample, rng: np.random.Generator) -> Image.Image:
+def strip_of(image: np.ndarray, masks: np.ndarray, region: int, rng: np.random.Generator) -> Image.Image:
     """A full-width band around one region's rows (jittered), padded to a square: the kind of crop
     Character-Adapter feeds the adapter for a region."""
-    region = sample.masks[rng.integers(len(data.REGIONS))]
-    rows = np.flatnonzero(region.any(axis=1))
+    rows = np.flatnonzero(masks[region].any(axis=1))
     top = max(0, int(rows[0]) - int(rng.integers(0, 3)))
     bottom = min(data.SIZE, int(rows[-1]) + 1 + int(rng.integers(0, 3)))
-    return pad_to_square(data.to_pil(sample.image).crop((0, top, data.SIZE, bottom)), GREY)
+    return pad_to_square(data.to_pil(image).crop((0, top, data.SIZE, bottom)), GREY)
 
 
-def train_adapter(model, steps: int, batch_size: int, out: str, save_every: int = 200):
-    """Stage 2: base frozen; CLIP + projection + to_k_ip/to_v_ip trained."""
+ADAPTER_OMIT_COLOUR = 0.6  # captions of stage 2 name a region's colour less often: the reference must
+WHOLE_P = 0.5  # a reference is the whole picture this often, else a strip of one region
+
+
+def reference_view(character: data.Character, avoid: Optional[data.Layout],
+                   rng: np.random.Generator) -> Tuple[Image.Image, Optional[int]]:
+    """Another rendering of the character (standing, another background, position and size than
+    `avoid`), whole or a strip of one region: (picture, region index or None for whole)."""
+    image, masks = data.render(character, data.other_layout(rng, avoid), rng)
+    if rng.random() < WHOLE_P:
+        return data.to_pil(image), None
+    region = int(rng.integers(len(data.REGIONS)))
+    return strip_of(image, masks, region, rng), region
+
+
+def adapter_example(seed: int) -> Tuple[data.Sample, Image.Image]:
+    """(target, reference) of stage 3, a function of the seed: the target is a training sample with
+    a caption that often omits colours; the reference is ANOTHER rendering of the same character,
+    so the adapter learns who the character is rather than where its pixels are."""
+    target = data.make_sample(seed)
+    rng = np.random.default_rng([seed, 2])
+    target.caption = data.caption(target.character, target.layout, rng, omit_colour_p=ADAPTER_OMIT_COLOUR)
+    return target, reference_view(target.character, target.layout, rng)[0]
+
+
+# what a reference shows of its character: skin, jacket colour, trousers colour, striped or not
+ATTRIBUTES = (("skin", tuple(data.SKIN_TONES)), ("jacket", tuple(data.GARMENT_COLOURS)),
+              ("trousers", tuple(data.GARMENT_COLOURS)), ("striped", (False, True)))
+VISIBLE = {None: (0, 1, 2, 3), 0: (0,), 1: (1, 3), 2: (2,)}  # attributes a whole picture / a region's strip shows
+
+
+def pretrain_clip(clip, steps: int, batch_size: int, lr: float = 2e-3, pool: int = 1536):
+    """Stage 2: the toy image encoder learns to see who a character is, as a real CLIP has before an
+    IP-Adapter is trained on it: a linear read-out of its image embeds names the character's colours
+    and stripes from another rendering, whole or a strip (only what the strip shows). No UNet.
+    The views are drawn and preprocessed once (a pool of `pool`), then sampled: on a busy CPU the
+    bicubic resize to 224 px costs as much as the encoder."""
+    torch.manual_seed(SEED + 2)
+    rng = np.random.default_rng(SEED + 2)
+    pixels, labels, visible = [], [], []
+    for _ in range(pool):
+        character = data.sample_character(rng)
+        picture, region = reference_view(character, None, rng)
+        pixels.append(preprocess_images([picture])[0].to(torch.bfloat16))  # (3, 224, 224), halves the pool's memory
+        labels.append([values.index(getattr(character, name)) for name, values in ATTRIBUTES])
+        visible.append([float(a in VISIBLE[region]) for a in range(len(ATTRIBUTES))])
+    pixels_all, labels_all, visible_all = torch.stack(pixels), torch.tensor(labels), torch.tensor(visible)
+    head = torch.nn.Linear(clip.config.projection_dim, sum(len(v) for _, v in ATTRIBUTES))
+    params = list(clip.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sizes = [len(v) for _, v in ATTRIBUTES]
+    t0, running = time.time(), None
+    clip.train()
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, lr, 30, steps)
+        pick = torch.from_numpy(rng.choice(pool, batch_size, replace=False))
+        target, seen = labels_all[pick], visible_all[pick]  # (B, A), (B, A)
+        logits = head(clip(pixel_values=pixels_all[pick].float()).image_embeds).split(sizes, dim=1)
+        losses = torch.stack([F.cross_entropy(lg, target[:, a], reduction="none") for a, lg in enumerate(logits)], 1)
+        loss = (losses * seen).sum() / seen.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        right = torch.stack([lg.argmax(dim=1) == target[:, a] for a, lg in enumerate(logits)], 1).float()
+        accuracy = float((right * seen).sum() / seen.sum())
+        running = (loss.item(), accuracy) if running is None else tuple(
+            0.95 * r + 0.05 * v for r, v in zip(running, (loss.item(), accuracy)))
+        if step % 50 == 0 or step == steps - 1:
+            log(f"clip step {step}/{steps} loss {running[0]:.3f} attribute accuracy {running[1]:.3f} "
+                f"({time.time() - t0:.0f} s)")
+    return clip.eval().requires_grad_(False)
+
+
+def adapter_state(clip, adapter: ToyAdapter, references: Sequence[Image.Image], keep: torch.Tensor) -> RegionState:
+    """The hooks' state with one token set per batch row (one global region): the plain IP-Adapter."""
+    embeds = clip(pixel_values=preprocess_images(list(references))).image_embeds * keep  # dropped: zeros
+    tokens = adapter.image_proj(embeds)  # (B, T, C_ctx)
+    kv = [(F.linear(tokens, k)[None], F.linear(tokens, v)[None])  # (1, B, T, C_inner): one region, a set per row
+          for k, v in zip(adapter.to_k_ip, adapter.to_v_ip)]
+    return RegionState(kv=kv, weights=torch.ones(1))
+
+
+def adapter_eps(model, layers, state: Optional[RegionState], x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor):
+    """One UNet call, with the adapter's hooks when a state is given."""
+    unet = model.model.diffusion_model
+    if state is None:
+        return model.apply_model(x, t, cond)
+    session = HookSession(root=unet)
+    plan_region_hooks(session, unet, layers, state)
+    with session:
+        return model.apply_model(x, t, cond)
+
+
+PROBE_T = (300, 500, 700)
+
+
+class GainProbe:
+    """Teacher-forced gain of the plain adapter while it trains: held-out characters drawn at another
+    layout than their reference, noised at PROBE_T, prompts that name no colour; 1 - the adapter's
+    epsilon-MSE / the base's, on the figure's pixels and on the background."""
+
+    def __init__(self, model, layers, refs: int = 16):
+        self.model, self.layers = model, layers
+        rng = np.random.default_rng(77)
+        targets, references, prompts, masks = [], [], [], []
+        for sample in data.held_out(refs, offset=7000):
+            layout = data.other_layout(rng, sample.layout)
+            image, mask = data.render(sample.character, layout, rng)
+            for _ in PROBE_T:
+                targets.append(image)
+                masks.append(mask)
+                references.append(data.to_pil(sample.image))
+                prompts.append(data.prompt(list(data.REGIONS), layout.background, layout.size, layout.position))
+        x0 = torch.from_numpy(np.stack(targets).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)  # (B, 3, H, W)
+        self.t = torch.tensor(list(PROBE_T) * refs)
+        gen = torch.Generator().manual_seed(78)
+        self.noise = torch.randn(x0.shape, generator=gen)
+        self.x = model.q_sample(x0, self.t, self.noise)
+        self.references = references
+        self.figure = torch.from_numpy(np.stack(masks).any(axis=1))  # (B, H, W)
+        with torch.no_grad():
+            self.cond = model.get_learned_conditioning(prompts)
+            self.base = self._errors(adapter_eps(model, layers, None, self.x, self.t.float(), self.cond))
+
+    def _errors(self, eps: torch.Tensor) -> Tuple[float, float]:
+        se = ((eps - self.noise) ** 2).mean(dim=1)  # (B, H, W)
+        return float(se[self.figure].mean()), float(se[~self.figure].mean())
+
+    @torch.no_grad()
+    def __call__(self, clip, adapter: ToyAdapter) -> str:
+        state = adapter_state(clip, adapter, self.references, torch.ones(len(self.references), 1))
+        figure, background = self._errors(adapter_eps(self.model, self.layers, state, self.x, self.t.float(), self.cond))
+        return (f"teacher-forced gain figure {1 - figure / self.base[0]:+.3f}, "
+                f"background {1 - background / self.base[1]:+.3f}")
+
+
+def train_adapter(model, clip, steps: int, batch_size: int, out: str, lr: float = 1e-3, save_every: int = 100,
+                  probe_every: int = 50):
+    """Stage 3: base and image encoder frozen; projection + to_k_ip/to_v_ip trained, to_k_ip/to_v_ip
+    starting from the text attention's to_k/to_v (IP-Adapter's initialisation)."""
     torch.manual_seed(SEED + 1)
     model.eval().requires_grad_(False)
     unet = model.model.diffusion_model
     layers = find_attn2_layers(unet)
-    clip = build_clip(SEED).train()
-    adapter = ToyAdapter([layer.inner_dim for layer in layers], seed=SEED)
-    params = list(clip.parameters()) + list(adapter.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    adapter = ToyAdapter([layer.inner_dim for layer in layers], seed=SEED,
+                         text_kv=[(layer.module.to_k.weight, layer.module.to_v.weight) for layer in layers])
+    params = list(adapter.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(SEED + 1)
     rng = np.random.default_rng(SEED + 1)
+    probe = GainProbe(model, layers) if probe_every else None
+    if probe is not None:
+        log(f"adapter step 0: {probe(clip, adapter)}")
     offset = 50_000_000  # other images than stage 1's (same distribution)
     t0, running = time.time(), None
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, 1e-3, 50, steps)
-        images, captions, samples = data.batch(range(offset + step * batch_size, offset + (step + 1) * batch_size))
-        refs = [data.to_pil(s.image) if rng.random() < 0.5 else strip_of(s, rng) for s in samples]
-        captions = [c if rng.random() >= 0.1 else "" for c in captions]
-        keep_image = torch.from_numpy((rng.random(batch_size) >= 0.1).astype(np.float32))[:, None]
-        embeds = clip(pixel_values=preprocess_images(refs)).image_embeds * keep_image  # dropped: zeros
-        tokens = adapter.image_proj(embeds)  # (B, T, C_ctx)
-        kv = [(F.linear(tokens, k)[None], F.linear(tokens, v)[None])  # (1, B, T, C_inner): one region, a set per row
-              for k, v in zip(adapter.to_k_ip, adapter.to_v_ip)]
-        state = RegionState(kv=kv, weights=torch.ones(1))
-        session = HookSession(root=unet)
-        plan_region_hooks(session, unet, layers, state)
-        x0 = torch.from_numpy(images)
+            group["lr"] = lr_at(step, lr, 20, steps)
+        examples = [adapter_example(offset + step * batch_size + i) for i in range(batch_size)]
+        x0 = torch.from_numpy(np.stack([e[0].image for e in examples]).astype(np.float32).transpose(0, 3, 1, 2)
+                              / 127.5 - 1.0)  # (B, 3, H, W)
+        captions = [e[0].caption if rng.random() >= 0.1 else "" for e in examples]
+        keep = torch.from_numpy((rng.random(batch_size) >= 0.1).astype(np.float32))[:, None]
+        state = adapter_state(clip, adapter, [e[1] for e in examples], keep)
         t = torch.randint(0, model.num_timesteps, (batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         with torch.no_grad():
             cond = model.get_learned_conditioning(captions)
-        with session:
-            eps = model.apply_model(model.q_sample(x0, t, noise), t, cond)
+        eps = adapter_eps(model, layers, state, model.q_sample(x0, t, noise), t, cond)
         loss = F.mse_loss(eps, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 50 == 0 or step == steps - 1:
+        if step % 25 == 0 or step == steps - 1:
             log(f"adapter step {step}/{steps} loss {running:.4f} ({time.time() - t0:.0f} s)")
+        if probe is not None and ((step + 1) % probe_every == 0 or step == steps - 1):
+            log(f"adapter step {step + 1}: {probe(clip, adapter)}")
         if (step + 1) % save_every == 0 or step == steps - 1:
-            save_image_side(clip.eval(), adapter, out)
-            clip.train()
-    return clip.eval(), adapter
+            save_image_side(clip, adapter, out)
+    return adapter
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-steps", type=int, default=1700)
-    parser.add_argument("--adapter-steps", type=int, default=500)
-    parser.add_argument("--batch", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=24, help="batch of the base model's stage")
+    parser.add_argument("--clip-steps", type=int, default=400)
+    parser.add_argument("--clip-batch", type=int, default=32)
+    parser.add_argument("--adapter-steps", type=int, default=300)
+    parser.add_argument("--adapter-batch", type=int, default=16)
+    parser.add_argument("--adapter-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=WEIGHTS)
-    parser.add_argument("--skip-base", action="store_true", help="reuse the saved base model; train the adapter only")
+    parser.add_argument("--skip-base", action="store_true",
+                        help="reuse the saved base model; train the image side (encoder and adapter) only")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -181,7 +332,9 @@ def main(argv=None) -> None:
     else:
         model = train_base(args.base_steps, args.batch, args.out)
     log(f"base done in {time.time() - start:.0f} s")
-    train_adapter(model, args.adapter_steps, args.batch, args.out)
+    clip = pretrain_clip(build_clip(SEED), args.clip_steps, args.clip_batch)
+    log(f"image encoder done in {time.time() - start:.0f} s")
+    train_adapter(model, clip, args.adapter_steps, args.adapter_batch, args.out, lr=args.adapter_lr)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
     log(f"all done in {time.time() - start:.0f} s; {args.out}: {total / 1e6:.2f} MB")
 
