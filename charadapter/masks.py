@@ -60,6 +60,12 @@ def uniform_masks(batch: int, regions: int, positions: int, device: Optional[tor
     return masks
 
 
+def layout_labels(layout: torch.Tensor, hw: Size) -> torch.Tensor:
+    """Winning region per cell (B, h, w) of masks (B, R+1, N); -1 where the background wins."""
+    grid = layout.reshape(layout.shape[0], -1, hw[0], hw[1])  # (B, R+1, N) -> (B, R+1, h, w)
+    return grid.argmax(dim=1) - (BACKGROUND + 1)  # channel r+1 -> region r, background -> -1
+
+
 def resize_masks(masks: torch.Tensor, src_hw: Size, dst_hw: Size, eps: float = 1e-6) -> torch.Tensor:
     """Resize (B, R+1, N_src) masks to dst grid and renormalise so channels still sum to 1."""
     if masks.ndim != 3:

@@ -7,7 +7,9 @@ map layers, and turns them into masks and crops (charadapter.segmentation).
 
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .errors import CharacterAdapterError
 from .geometry import Size
@@ -101,3 +103,10 @@ def fit_for_encoding(size: Tuple[int, int], short_side: int, multiple: int = 64,
         return max(multiple, int(round(v / multiple)) * multiple)
 
     return snap(width * scale), snap(height * scale)
+
+
+def encoding_pixels(image: Image.Image, short_side: int) -> torch.Tensor:
+    """The reference as the VAE takes it: (1, 3, H, W) in [-1, 1] at fit_for_encoding's size."""
+    width, height = fit_for_encoding(image.size, short_side)
+    pixels = np.asarray(image.resize((width, height), Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (H, W, 3) -> (1, 3, H, W)

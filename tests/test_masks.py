@@ -5,8 +5,8 @@ import torch
 
 from charadapter.errors import GeometryError
 from charadapter.masks import (
-    BACKGROUND, hard_masks, mask_logits, mask_pyramid, merge_maps, normalize_maps, resize_masks, soft_masks,
-    uniform_masks,
+    BACKGROUND, hard_masks, layout_labels, mask_logits, mask_pyramid, merge_maps, normalize_maps, resize_masks,
+    soft_masks, uniform_masks,
 )
 
 SEEDS = range(8)
@@ -147,3 +147,17 @@ def test_area_pyramid_is_linear_and_keeps_partition():
     for hw, m in plain.items():
         assert torch.allclose(m.sum(dim=1), torch.ones(2, hw[0] * hw[1]), atol=1e-5)
         assert torch.allclose(weighted[hw], m * weights, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_layout_labels_name_the_winning_region(seed):
+    """Show masks draws region r where channel r+1 wins, nothing (-1) where the background wins."""
+    maps = _maps(seed, b=2, r=3, n=6 * 4)
+    layout = soft_masks(maps, 0.1, 0.4)
+    labels = layout_labels(layout, (6, 4))
+    assert labels.shape == (2, 6, 4) and labels.dtype == torch.int64
+    winner = hard_masks(maps, 0.4).argmax(dim=1).reshape(2, 6, 4)  # (B, N) -> (B, h, w)
+    assert torch.equal(labels, winner - 1) and int(labels.min()) >= -1 and int(labels.max()) <= 2
+    background = torch.zeros(1, 3, 8)
+    background[:, BACKGROUND] = 1.0
+    assert (layout_labels(background, (2, 4)) == -1).all()

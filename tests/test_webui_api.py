@@ -15,8 +15,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from webui_host import ROOT, errors, generate, ours, pixels, reference_image, runtime, tiny_clip  # sets sys.path
+from webui_host import ROOT, errors, generate, ours, pixels, reference_image, tiny_clip  # sets sys.path
 from webui_api_host import ADAPTER_NAME, ENCODER_NAME, api_only_app, b64_png, install_listed_models
+from charadapter.webui import caches as ca_caches
+from charadapter.webui import reference_pass as ca_reference_pass
+from charadapter.webui import settings as ca_settings
 from charadapter.params import ARG_NAMES, Params
 from charadapter.webui import api as ca_api, models, script as script_module
 from modules import script_callbacks, scripts
@@ -78,7 +81,7 @@ def test_dict_arrives_first_among_ui_defaults_and_equals_the_ui_form(client, hos
     # the same settings from the panel (the runtime's other cache key holds equal tiny weights)
     monkeypatch.setattr(script.hooks.controller, "resolve_model",
                         lambda kind, name: {"adapter": "tiny-adapter", "encoder": "tiny-encoder"}[kind])
-    runtime.ENCODER_CACHE.put("tiny-encoder", tiny_clip())
+    ca_caches.ENCODER_CACHE.put("tiny-encoder", tiny_clip())
     _, panel = generate(script, runner, **{k: v for k, v in SIZE.items() if k != "negative_prompt"})
     assert torch.equal(decoded(response), pixels(panel))
     assert ours(sd_model.model.diffusion_model) == 0
@@ -164,7 +167,7 @@ MALFORMED = [
 def test_malformed_requests_fail_and_name_their_field(client, monkeypatch, sd_model):
     """One client for all cases (each request fails at the first UNet call, so this stays cheap)."""
     opened = []
-    monkeypatch.setattr(runtime, "load_ip_adapter", lambda path: opened.append(path))
+    monkeypatch.setattr(ca_reference_pass, "load_ip_adapter", lambda path: opened.append(path))
     image = b64_png(reference_image())
     unet = sd_model.model.diffusion_model
     problems = []
@@ -210,5 +213,5 @@ def test_models_route_is_added_once_per_app_and_callbacks_once_per_load(client, 
     assert len(registered()) == 1
     scripts.load_scripts([(ROOT, os.path.join(ROOT, "scripts", "character_adapter.py"))])  # "Reload UI"
     assert len(registered()) == 1
-    assert [c.callback for c in script_callbacks.callback_map["callbacks_ui_settings"]].count(models.add_settings) == 1
+    assert [c.callback for c in script_callbacks.callback_map["callbacks_ui_settings"]].count(ca_settings.add_settings) == 1
     assert not [m for k, m in errors.reported if "character" in m.lower()]

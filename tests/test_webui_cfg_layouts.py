@@ -16,9 +16,15 @@ import torch
 from torch import nn
 
 from charadapter import hooks as hooks_module
+from charadapter import overlays as ca_overlays
+from charadapter import reference as core_reference
+from charadapter.errors import CharacterAdapterError
 from charadapter.fusion import COND, UNCOND
 from charadapter.layers import find_attn2_layers
-from webui_host import (args_for, errors, generate, make_sd_model, ours, pixels, plain, processing, runtime,
+from charadapter.webui import caches as ca_caches
+from charadapter.webui import reference_pass as ca_reference_pass
+from charadapter.webui import rows as ca_rows
+from webui_host import (args_for, errors, generate, make_sd_model, ours, pixels, plain, processing,
                         script_callbacks, sd_models, shared, start_host)
 from tiny_sd import TINY_CONTEXT_DIM
 
@@ -177,8 +183,8 @@ def test_batch_count_two_draws_the_layout_over_the_last_batch(host, sd_model, mo
     """The layout at postprocess is the last batch's: Show masks draws it over that batch's images."""
     runner, script = host
     drawn = []
-    original = runtime.mask_overlay
-    monkeypatch.setattr(runtime, "mask_overlay", lambda image, labels, **kw: drawn.append(image.copy()) or original(image, labels, **kw))
+    original = ca_overlays.mask_overlay
+    monkeypatch.setattr(ca_overlays, "mask_overlay", lambda image, labels, **kw: drawn.append(image.copy()) or original(image, labels, **kw))
     with recording(sd_model, script) as rec:
         p, processed = generate(script, runner, n_iter=2, steps=2, negative_prompt="blurry", params=dict(show_masks=True))
     assert len(processed.images) == 4  # 2 batches of 1, the reference overlay, one layout
@@ -326,7 +332,7 @@ def test_row_check_prefers_a_fresh_cond_mark_then_the_text_rows():
 
     unet = MarkingUNet()
     state = SimpleNamespace(enabled=True, rows=None, batch=2, token_groups=[(1,)])
-    check = runtime.RowCheck(unet, [SimpleNamespace(module=unet.attn2, name="attn2")], state).install()
+    check = ca_rows.RowCheck(unet, [SimpleNamespace(module=unet.attn2, name="attn2")], state).install()
     cond, uncond = torch.randn(2, 77, 8), torch.randn(2, 77, 8)
     context = torch.cat([cond[:1], uncond[1:]])  # the rows say: cond, uncond
     marked = torch.cat([torch.full((2, 1, 8), 1024.0), context], dim=1)
@@ -501,15 +507,15 @@ def test_sdxl_calling_convention(tmp_path, monkeypatch):
     """Dict conds, attn2 with extra keyword arguments, the SDXL reference size and arch check."""
     model = make_sd_model()
     sizes = []
-    original_fit = runtime.fit_for_encoding
-    monkeypatch.setattr(runtime, "fit_for_encoding", lambda size, side, **kw: sizes.append(side) or original_fit(size, side, **kw))
+    original_fit = core_reference.fit_for_encoding
+    monkeypatch.setattr(core_reference, "fit_for_encoding", lambda size, side, **kw: sizes.append(side) or original_fit(size, side, **kw))
     with hosted(model, tmp_path, monkeypatch) as (runner, script):
         xl = sd_models.register_model(TinySDXL(model), arch="sdxl")  # the text encoder stays hijacked
-        monkeypatch.setitem(runtime.REFERENCE_SIDE, "sdxl", 64)
-        monkeypatch.setitem(runtime.REFERENCE_SIDE, "sd15", 128)
-        sd15 = runtime.ADAPTER_CACHE.get("tiny-adapter")
+        monkeypatch.setitem(ca_reference_pass.REFERENCE_SIDE, "sdxl", 64)
+        monkeypatch.setitem(ca_reference_pass.REFERENCE_SIDE, "sd15", 128)
+        sd15 = ca_caches.ADAPTER_CACHE.get("tiny-adapter")
         spec = dataclasses.replace(sd15.spec, arch="sdxl", variant="sdxl", encoder="ViT-bigG-14")
-        runtime.ADAPTER_CACHE.put("tiny-adapter", dataclasses.replace(sd15, spec=spec))
+        ca_caches.ADAPTER_CACHE.put("tiny-adapter", dataclasses.replace(sd15, spec=spec))
         before = plain(runner, script, negative_prompt="blurry")
         SgmCrossAttention.calls_with_extra_kwargs = 0
         with recording(xl, script) as rec:
@@ -520,7 +526,7 @@ def test_sdxl_calling_convention(tmp_path, monkeypatch):
         assert check_rows(rec, xl, [prompt], ["blurry"]) == 4
         assert changed(processed, before)
         assert ours(xl.model.diffusion_model) == 0
-        runtime.ADAPTER_CACHE.put("tiny-adapter", sd15)
-        runtime.SEGMENTATION_CACHE.clear()
-        with pytest.raises(runtime.CharacterAdapterError, match="SD15 adapter but the loaded checkpoint is SDXL"):
+        ca_caches.ADAPTER_CACHE.put("tiny-adapter", sd15)
+        ca_caches.SEGMENTATION_CACHE.clear()
+        with pytest.raises(CharacterAdapterError, match="SD15 adapter but the loaded checkpoint is SDXL"):
             generate(script, runner)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from webui_host import (args_for, errors, ours, pixels, processing, runtime, scripts, start_host)
+from charadapter.webui import caches as ca_caches
+from webui_host import (args_for, errors, ours, pixels, processing, scripts, start_host)
 
 PROMPT = "a face, upper body, lower body, standing"
 
@@ -163,5 +164,5 @@ def test_inpainting_model(tmp_path, monkeypatch):
         assert sampling.shape[1] == 9 and 0 < float(sampling[:, 4].mean()) < 1  # the inpainting mask
         assert (pixels(processed) - pixels(before)).abs().max() > 0
         assert ours(unet) == 0
-        runtime.SEGMENTATION_CACHE.clear()
-        runtime.REFERENCE_CACHE.clear()
+        ca_caches.SEGMENTATION_CACHE.clear()
+        ca_caches.REFERENCE_CACHE.clear()

@@ -11,8 +11,9 @@ import os
 import pytest
 import torch
 
-from webui_host import ROOT, errors, ours, pixels, plain, reference_image, runtime  # sets sys.path
+from webui_host import ROOT, errors, ours, pixels, plain, reference_image  # sets sys.path
 from webui_api_host import ADAPTER_NAME, install_listed_models
+from charadapter.webui import reference_pass as ca_reference_pass
 from charadapter.params import Params, Region
 from charadapter.webui import xyz as ca_xyz
 from modules import infotext_utils, processing, script_callbacks, scripts
@@ -113,8 +114,8 @@ def test_cells_get_their_values_weight_zero_is_plain_and_one_segmentation_per_re
                                                                                            sd_model):
     runner, grid, script = grid_host
     passes = []
-    segment = runtime._segment
-    monkeypatch.setattr(runtime, "_segment", lambda *a, **k: passes.append(1) or segment(*a, **k))
+    segment = ca_reference_pass.segment
+    monkeypatch.setattr(ca_reference_pass, "segment", lambda *a, **k: passes.append(1) or segment(*a, **k))
     _, processed = run_grid(runner, grid, script, dict(
         x=(LABELS[0], "0, 0.5", []),                            # Weight
         y=(LABELS[3], "", ["soft", "hard"]),                    # Fusion mode (a choices axis: dropdown values)

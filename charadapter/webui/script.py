@@ -5,8 +5,8 @@ from typing import Any, List
 from modules import script_callbacks
 
 from ..errors import CharacterAdapterError
-from . import api, models, ui, xyz
-from .runtime import Controller
+from . import api, models, settings, ui, xyz
+from .controller import Controller
 
 TITLE = "Character-Adapter"
 
@@ -65,7 +65,7 @@ def register_callbacks() -> None:
     load_scripts) but this package stays imported, so registering at its import would be lost
     on "Reload UI". Each callback is removed first, so a second call adds no duplicate.
     """
-    for register, callback in ((script_callbacks.on_ui_settings, models.add_settings),
+    for register, callback in ((script_callbacks.on_ui_settings, settings.add_settings),
                                (script_callbacks.on_app_started, api.on_app_started),
                                (script_callbacks.on_before_ui, xyz.add_axes)):
         script_callbacks.remove_callbacks_for_function(callback)
