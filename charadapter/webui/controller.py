@@ -181,8 +181,9 @@ class Controller:
                 start=params.start, end=params.end, mode=params.fusion,
                 temperature=params.temperature, background=params.background,
             )
-            ip = [(k.float(), v.float()) for k, v in gen.weights.layers]
-            gen.fusion = FusionSession(unet, layers, ip, gen.reference.tokens.cond,
+            # the adapter's weights as stored: the session casts one layer at a time (fp32 copies of
+            # all layers at once were 1.4 GB more, for a moment, with an fp16 SDXL adapter)
+            gen.fusion = FusionSession(unet, layers, gen.weights.layers, gen.reference.tokens.cond,
                                        gen.reference.tokens.negative, config)
             gen.fusion.install()
             gen.row_check = RowCheck(unet, layers, gen.fusion.state).install()
