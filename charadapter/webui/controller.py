@@ -15,11 +15,12 @@ import torch
 from PIL import Image
 
 from ..checkpoint import IPAdapterWeights
-from ..errors import CharacterAdapterError
+from ..errors import CharacterAdapterError, InputError
 from ..fusion import FusionConfig, FusionSession
 from ..hooks import HookSession, MarkedHook, clear_stale
 from ..layers import check_adapter_layers, find_attn2_layers
 from ..params import Params
+from . import refusal
 from .host import check_architecture, unet_of
 from .prompts import PhraseFinder, row_plan
 from .reference_pass import Reference, ResolveModel, prepare
@@ -64,6 +65,7 @@ class Controller:
         self.resolve_model = resolve_model
         self.generation: Optional[Generation] = None
         self.error: Optional[str] = None
+        self.refused = False  # the error is a refused input (the caller's mistake): HTTP 422, no traceback
         self._error_hooks: Optional[HookSession] = None
         self._guard: Optional[Tuple[Any, Any]] = None  # (weakref to the denoiser, handle)
 
@@ -80,7 +82,7 @@ class Controller:
             if params.enabled:
                 params = params.with_overrides(cell_overrides(p))  # an X/Y/Z cell's values, set on its copy of p
         except CharacterAdapterError as err:
-            self.error = str(err)
+            self.error, self.refused = str(err), isinstance(err, InputError)
             return self._report(p)
         if not params.enabled:
             return None
@@ -89,7 +91,7 @@ class Controller:
             self.generation = Generation(params, prepared.weights, prepared.reference, prepared.image_hash,
                                          prepared.image)
         except CharacterAdapterError as err:
-            self.error = str(err)
+            self.error, self.refused = str(err), isinstance(err, InputError)
             return self._report(p)
         except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
             self._fail("preparing the reference", err)
@@ -195,10 +197,10 @@ class Controller:
 
     def _stop_generation(self, unet) -> None:
         """Generation must not go on silently without the adapter: raise inside the UNet."""
-        message = self.error
+        message, refused = self.error, self.refused
 
         def refuse(module, args):
-            raise CharacterAdapterError(message)
+            raise refusal.CharacterAdapterError(message) if refused else CharacterAdapterError(message)
 
         if unet is None or self._error_hooks is not None:
             return
@@ -246,7 +248,7 @@ class Controller:
         """Remove every hook of ours and forget the generation (also on errors and unload)."""
         gen, self.generation = self.generation, None
         hooks, self._error_hooks = self._error_hooks, None
-        self.error = None
+        self.error, self.refused = None, False
         try:
             if gen is not None:
                 gen.remove_hooks()

@@ -14,7 +14,7 @@ from PIL import Image
 from ..adapter import RegionEncoder, RegionTokens
 from ..checkpoint import IPAdapterWeights, load_ip_adapter
 from ..clip_vision import load_clip_vision
-from ..errors import CharacterAdapterError
+from ..errors import InputError
 from ..images import MIN_REFERENCE_SIDE, image_hash, load_image
 from ..layers import find_attn2_layers
 from ..params import Params
@@ -26,7 +26,7 @@ from .host import check_architecture, device, low_vram, progress, unet_of
 from .prompts import phrase_groups, phrase_ids
 from .settings import apply_cache_settings
 
-ResolveModel = Callable[[str, str], str]  # (kind, listed name) -> path, or raise CharacterAdapterError
+ResolveModel = Callable[[str, str], str]  # (kind, listed name) -> path, or raise InputError
 
 
 @dataclass
@@ -51,10 +51,10 @@ class Prepared(NamedTuple):
 def prepare(p, params: Params, resolve_model: ResolveModel) -> Prepared:
     """Check and load what `params` names, then the reference's region tokens (cached)."""
     if params.image is None:
-        raise CharacterAdapterError("Character-Adapter: no reference image: drop one in the accordion")
+        raise InputError("Character-Adapter: no reference image: drop one in the accordion")
     image = load_image(params.image, min_side=MIN_REFERENCE_SIDE)
     if not params.model:
-        raise CharacterAdapterError("Character-Adapter: choose an IP-Adapter model (none is selected)")
+        raise InputError("Character-Adapter: choose an IP-Adapter model (none is selected)")
     apply_cache_settings()
     adapter_path = resolve_model("adapter", params.model)
     weights = ADAPTER_CACHE.get_or_create(adapter_path, lambda: load_ip_adapter(adapter_path))
@@ -135,7 +135,7 @@ def segment(sd_model, image: Image.Image, params: Params) -> SegmentationResult:
     groups = phrase_groups(sd_model, prompt, phrases)
     for phrase, group in zip(phrases, groups):
         if not group:
-            raise CharacterAdapterError(
+            raise InputError(
                 f"Character-Adapter: {unplaced_phrase(phrase, len(phrase_ids(sd_model, phrase)))}")
     try:
         with torch.no_grad():
