@@ -7,7 +7,8 @@ its load), for references of aspect 1:1, 1:2 and 1:4:
   1024, long side up to twice that);
 - per pass: the VAE encoder's and the UNet call's working memory (peak bytes of the tensors they
   create, charadapter.memprobe: weights and op-internal scratch are not counted) and GFLOP;
-- next to one sampling step at the native size: a CFG call at batch 2 with three regions.
+- next to one sampling step at the native size (a CFG call at batch 2 with three regions) and to
+  the VAE decode that ends every generation at the native size.
 The VAE encoder is ldm's (SD's VAE layout, shared by SDXL) with its mid-block attention computed
 in query blocks, as the WebUI's attention optimisations and SDPA's flash kernels do (its
 plain form materialises an (h*w)^2 matrix, 1 GiB at 1024^2); the UNet's attention the same way.
@@ -81,11 +82,12 @@ def meta_unet(family: str) -> torch.nn.Module:
     return unet.eval().requires_grad_(False)
 
 
-def meta_vae_encoder() -> torch.nn.Module:
-    from ldm.modules.diffusionmodules.model import Encoder
+def meta_vae(part: str = "Encoder") -> torch.nn.Module:
+    """SD's VAE encoder (or "Decoder") on the meta device."""
+    from ldm.modules.diffusionmodules import model
 
     with torch.device("meta"):
-        return Encoder(**VAE).eval().requires_grad_(False)
+        return getattr(model, part)(**VAE).eval().requires_grad_(False)
 
 
 def _blocked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -196,9 +198,16 @@ def step_cost(unet, layers, family: str) -> Dict[str, float]:
             "unet_gflop": round(flops.get_total_flops() / 1e9, 1)}
 
 
+def decode_cost(decoder, side: int) -> Dict[str, float]:
+    """The VAE decode every generation of side x side ends with (the plain WebUI's own peak)."""
+    latent = torch.empty(1, 4, side // 8, side // 8, device="meta")
+    gib, gflop = _measured(lambda: decoder(latent))
+    return {"size": f"{side}x{side}", "vae_gib": round(gib, 3), "vae_gflop": round(gflop, 1)}
+
+
 def cost(families: Sequence[str], area_fraction: Optional[float]) -> Dict:
     out: Dict = {}
-    vae = meta_vae_encoder()
+    vae, decoder = meta_vae(), meta_vae("Decoder")
     with blocked_attention():
         for family in families:
             unet = meta_unet(family)
@@ -206,13 +215,13 @@ def cost(families: Sequence[str], area_fraction: Optional[float]) -> Dict:
             native = NATIVE_SIDE[family]
             area = PASS_AREA[family] if area_fraction is None else int(native * native * area_fraction)
             context_dim = (SD15 if family == "sd15" else SDXL)["context_dim"]
-            rows = {"step": step_cost(unet, layers, family)}
+            rows = {"step": step_cost(unet, layers, family), "decode": decode_cost(decoder, native)}
             for aw, ah in ASPECTS:
                 reference = (512 * aw, 512 * ah)
                 rows[f"{aw}:{ah}"] = pass_cost(unet, layers, vae, pass_size(reference, area), context_dim)
                 rows[f"{aw}:{ah} former"] = pass_cost(unet, layers, vae, former_size(reference, native), context_dim)
                 print(family, f"{aw}:{ah}", rows[f"{aw}:{ah}"], "former", rows[f"{aw}:{ah} former"], flush=True)
-            print(family, "step", rows["step"], flush=True)
+            print(family, "step", rows["step"], "decode", rows["decode"], flush=True)
             out[family] = rows
     return out
 

@@ -94,7 +94,7 @@ def test_pass_cost_counts_the_area_on_the_meta_device():
         unet = bench._import_unet()(**bench.TINY)
     unet = unet.eval().requires_grad_(False)
     layers = bench_pass.find_attn2_layers(unet)
-    vae = bench_pass.meta_vae_encoder()
+    vae = bench_pass.meta_vae()
     with bench_pass.blocked_attention():
         square = bench_pass.pass_cost(unet, layers, vae, (256, 256), bench.TINY["context_dim"])
         tall = bench_pass.pass_cost(unet, layers, vae, (256, 512), bench.TINY["context_dim"])
