@@ -11,6 +11,7 @@ Tensors are written in `state_dict()` order, with the file's header made from th
 """
 import ctypes
 import json
+import os
 import struct
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -57,6 +58,11 @@ class StreamedSafetensors:
                              f"got {key} {tensor.dtype} {tuple(tensor.shape)}")
         self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())  # raw bytes, no copy
         self._next += 1
+
+    def abort(self) -> None:
+        """Close and delete the unfinished file (a half-written checkpoint must not be listed)."""
+        self._file.close()
+        os.remove(self._file.name)
 
     def close(self) -> None:
         """Close the file; every tensor of the layout must have been written."""
@@ -163,8 +169,10 @@ def write_random(model: torch.nn.Module, path: str, init: Optional[Init] = None,
                     _check_filled(key, t)
                     writer.put(key, t.to(file_dtype(key, t)))
                 block.to(device="meta")  # frees the block's storage
-    finally:
-        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
     return len(layout)
 
 
