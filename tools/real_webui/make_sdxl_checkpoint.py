@@ -99,9 +99,9 @@ def make_init(sigmas, clip_l, bigg):
 
 def weights_dtype(key, tensor):
     """fp16 network weights; the noise schedule (denoiser.sigmas) stays fp32, integers stay."""
-    if key == "denoiser.sigmas" or not tensor.is_floating_point():
-        return tensor.dtype if not tensor.is_floating_point() else torch.float32
-    return torch.float16
+    if not tensor.is_floating_point():
+        return tensor.dtype
+    return torch.float32 if key == "denoiser.sigmas" else torch.float16
 
 
 def main(out_path, webui_dir="."):
