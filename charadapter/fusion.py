@@ -44,7 +44,9 @@ class FusionConfig:
         return len(self.region_weights) == 0
 
 
-TokenGroups = Tuple[Tuple[int, ...], ...]  # per region: phrase positions in the text keys; () = absent
+# per region: the key columns its map averages, prompt positions (>= 0) or phrase-bank rows
+# (< 0, charadapter.phrases); () = not located
+TokenGroups = Tuple[Tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class FusionSession:
         region_tokens: torch.Tensor,
         negative_tokens: torch.Tensor,
         config: FusionConfig,
+        phrase_bank: Optional[torch.Tensor] = None,
     ):
         regions = 1 if config.global_only else len(config.region_weights)
         if region_tokens.ndim != 3 or region_tokens.shape[0] != regions:
@@ -112,6 +115,7 @@ class FusionSession:
             after_call=self._after_call,
             masks_weighted=not config.global_only,
             enabled=False,
+            bank=phrase_bank,  # (P, C_ctx): rows the plan's token groups name with entries < 0
         )
         self._session: Optional[HookSession] = None
         self.latent_hw: Optional[Size] = None
@@ -165,6 +169,11 @@ class FusionSession:
         if session is not None:
             session.remove()
 
+    def set_phrase_bank(self, embeddings: Optional[torch.Tensor]) -> None:
+        """The phrase bank (P, C_ctx) whose rows token groups name with entries < 0 (charadapter.phrases)."""
+        self.state.bank = embeddings
+        self.state.forget_bank_keys()
+
     @property
     def installed(self) -> bool:
         return self._session is not None
@@ -187,6 +196,7 @@ class FusionSession:
         self.step = 0
         self.plan = None
         self._forget_step()
+        self.state.forget_bank_keys()  # projected with this pass's weights when first needed
 
     def begin_step(self, step: int, plan: RowPlan) -> None:
         """Before a denoiser call: fold the last step's maps into masks, restart the row count."""

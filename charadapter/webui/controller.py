@@ -9,7 +9,7 @@ calls (host.py, prompts.py, reference_pass.py), so this file imports without the
 import logging
 import traceback
 import weakref
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -19,10 +19,11 @@ from ..errors import CharacterAdapterError, InputError
 from ..fusion import FusionConfig, FusionSession
 from ..hooks import HookSession, MarkedHook, clear_stale
 from ..layers import check_adapter_layers, find_attn2_layers
-from ..params import Params
+from ..params import INFOTEXT_PREFIX, Params
 from . import refusal
 from .host import check_architecture, unet_of
-from .prompts import PhraseFinder, row_plan
+from .prompts import (FROM_PHRASE, PhraseFinder, encoder_key, image_texts, located_infotext, phrase_bank,
+                      row_plan)
 from .reference_pass import Reference, ResolveModel, prepare
 from .rows import RowCheck
 from .show_masks import show_masks
@@ -46,6 +47,9 @@ class Generation:
         self.p: Any = None
         self.hires = False
         self.phrases = PhraseFinder(tuple(r.phrase for r in params.regions))
+        self.located: List[Tuple[str, ...]] = []  # per image of the run: how each region is located
+        self.needs_bank = False  # some region is absent from some prompt: locate it from its phrase
+        self.located_infotext: Any = None  # the "located" infotext value (a text, or one per image)
 
     def remove_hooks(self) -> None:
         """Remove the fusion hooks and the row check; safe to call twice."""
@@ -90,6 +94,7 @@ class Controller:
             prepared = prepare(p, params, self.resolve_model)
             self.generation = Generation(params, prepared.weights, prepared.reference, prepared.image_hash,
                                          prepared.image)
+            self._locate(p, self.generation)
         except CharacterAdapterError as err:
             self.error, self.refused = str(err), isinstance(err, InputError)
             return self._report(p)
@@ -98,6 +103,8 @@ class Controller:
             return self._report(p)
         gen = self.generation
         p.extra_generation_params.update(params.to_infotext(gen.image_hash))
+        if gen.located_infotext is not None:
+            p.extra_generation_params[f"{INFOTEXT_PREFIX} located"] = gen.located_infotext
         for name in gen.reference.empty_regions:
             p.comment(f"Character-Adapter: region '{name}' was not found in the reference; "
                       f"its crop is the whole image.")
@@ -105,6 +112,16 @@ class Controller:
             p.comment(f"Character-Adapter: the reference is animated ({gen.image.info['frames']} frames); "
                       f"its first frame is used.")
         return None
+
+    @staticmethod
+    def _locate(p, gen: Generation) -> None:
+        """How each image's regions will be located (the first AND part of its prompt, every
+        prompt edit): whether a phrase bank is needed, and the infotext value saying so."""
+        if not gen.params.regions:
+            return
+        gen.located = [gen.phrases.locations(p.sd_model, texts) for texts in image_texts(p, p.steps)]
+        gen.needs_bank = any(FROM_PHRASE in kind for kinds in gen.located for kind in kinds)
+        gen.located_infotext = located_infotext(gen.phrases, p.sd_model, p.steps, gen.located)
 
     def _report(self, p) -> None:
         if not self.error.startswith("Character-Adapter"):  # loader errors name the file, not us
@@ -191,6 +208,10 @@ class Controller:
             gen.row_check = RowCheck(unet, layers, gen.fusion.state).install()
         gen.p = p
         gen.hires = bool(getattr(p, "is_hr_pass", False))
+        if gen.needs_bank:  # each pass: the encodings follow this pass's checkpoint and networks (cached)
+            bank, gen.phrases.bank_entries = phrase_bank(p.sd_model, gen.phrases.phrases,
+                                                         encoder_key(p.sd_model, p, gen.hires))
+            gen.fusion.set_phrase_bank(bank.embeddings)
         steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if gen.hires else int(p.steps)
         gen.fusion.begin_pass(tuple(x.shape[-2:]), steps)
         return None
@@ -240,7 +261,7 @@ class Controller:
         gen = self.generation
         try:
             if gen is not None and gen.params.show_masks:
-                show_masks(gen.p, processed, gen.image, gen.reference, gen.fusion)
+                show_masks(gen.p, processed, gen.image, gen.reference, gen.fusion, gen.phrases.phrases, gen.located)
         finally:
             self.end()
 
