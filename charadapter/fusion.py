@@ -294,13 +294,16 @@ class FusionSession:
             state.masks = None
         else:
             state.masks = self._masks_for(tuple(plan.image[r] for r in self._call_rows), x.device)
-        groups = self._groups_for_maps(cond)
-        state.token_groups = state.map_rows = None
+        state.token_groups = state.map_rows = state.row_groups = None
         self._map_picks = []
-        if self.collecting and groups and any(groups):
-            # maps of the cond rows that carry these groups, computed over the run of rows that spans them
-            local = [i for i, r in enumerate(self._call_rows) if plan.is_cond[r] and plan.token_groups[r] == groups]
-            state.token_groups = groups
+        local = [i for i, r in enumerate(self._call_rows) if plan.is_cond[r] and any(plan.token_groups[r] or ())]
+        if self.collecting and local:
+            # maps of the cond rows that have columns, computed over the run of rows that spans them;
+            # rows of the run without columns (none in the common layouts) give zero maps, unused
+            empty = ((),) * self.regions
+            groups = tuple(plan.token_groups[self._call_rows[i]] or empty for i in range(local[0], local[-1] + 1))
+            state.token_groups = groups[0]
+            state.row_groups = groups if len(set(groups)) > 1 else None  # rows with other prompts
             state.map_rows = slice(local[0], local[-1] + 1)
             self._map_picks = [(i - local[0], plan.image[self._call_rows[i]]) for i in local]
         state.enabled = True
@@ -311,14 +314,6 @@ class FusionSession:
         if found is None:
             found = self._device_weights[device] = self._weights.to(device)
         return found
-
-    def _groups_for_maps(self, cond: List[bool]) -> Optional[TokenGroups]:
-        """Token groups of the first cond row; rows with other groups give no maps this call."""
-        assert self.plan is not None
-        for row, is_cond in zip(self._call_rows, cond):
-            if is_cond:
-                return self.plan.token_groups[row]
-        return None
 
     def _after_call(self, state: RegionState) -> None:
         """UNet exit: add the recorded maps of this call's map rows to their images' sums, per grid."""

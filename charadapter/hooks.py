@@ -183,6 +183,7 @@ class RegionState:
     masks: Optional[Dict[Size, torch.Tensor]] = None
     map_layers: FrozenSet[int] = frozenset()                 # layer indices whose text maps are recorded
     token_groups: Optional[Sequence[Sequence[int]]] = None   # text key columns of each region phrase
+    row_groups: Optional[Tuple[Sequence[Sequence[int]], ...]] = None  # per map row, when the rows differ
     before_call: Optional[Callable[["RegionState", torch.Tensor], None]] = None  # (state, x) at UNet entry
     after_call: Optional[Callable[["RegionState"], None]] = None                 # at UNet exit
     enabled: bool = True
@@ -247,7 +248,7 @@ class RegionState:
             prompt_tokens = k.shape[1]
             if pending[0][3] is not None:  # phrases located from themselves: their keys after the prompt's
                 k = torch.cat([k, self._stacked_bank_keys(pending, k.shape[0] // len(pending))], dim=1)  # (L*B_map, T+P, C)
-            matrix = self.text_matrix(k.shape[1], heads, q.device, prompt_tokens)
+            matrix = self.text_matrix(k.shape[1], heads, q.device, prompt_tokens, layers=len(pending))
             mask = self.head_mask(q.shape[2], heads, q.device, map_dtype(q.dtype))
             with _plain_math(q.device):
                 maps = text_maps(q, k, heads, matrix, mask)  # (L*B_map, R, N)
@@ -277,15 +278,19 @@ class RegionState:
         return found
 
     def groups_bank_rows(self) -> Tuple[int, ...]:
-        """The bank rows the current token groups name (cached per groups)."""
-        groups = self.token_groups
-        if not groups:
+        """The bank rows the current token groups name, over every map row (cached per groups)."""
+        if not self.token_groups:
             return ()
-        key = tuple(tuple(g) for g in groups)
+        key = self._groups_key()
         found = self._bank_rows.get(key)
         if found is None:
-            found = self._bank_rows[key] = bank_rows(key)
+            found = self._bank_rows[key] = bank_rows([g for row in key for g in row])
         return found
+
+    def _groups_key(self) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
+        """The map rows' groups as ints: one entry when the rows share them."""
+        rows = self.row_groups or (self.token_groups or (),)
+        return tuple(tuple(tuple(int(t) for t in g) for g in groups) for groups in rows)
 
     def forget_bank_keys(self) -> None:
         """Drop the projected bank rows (a new pass may bring other weights: LoRA, another UNet)."""
@@ -356,20 +361,24 @@ class RegionState:
         return coef.to(dtype), 1.0
 
     def text_matrix(self, tokens: int, heads: int, device: torch.device,
-                    prompt_tokens: Optional[int] = None) -> torch.Tensor:
-        """(H*T, R) averaging matrix of the current token groups over T key columns, the first
-        `prompt_tokens` (default all) the prompt's, the rest the named bank rows (cached)."""
-        groups = tuple(tuple(int(t) for t in g) for g in self.token_groups or ())
+                    prompt_tokens: Optional[int] = None, layers: int = 1) -> torch.Tensor:
+        """Averaging matrix of the current token groups over T key columns, the first
+        `prompt_tokens` (default all) the prompt's, the rest the named bank rows (cached): (H*T, R)
+        when the map rows share their groups, else (L*B_map, H*T, R) for `layers` layers' rows."""
+        key_groups = self._groups_key()
         prompt_tokens = tokens if prompt_tokens is None else prompt_tokens
-        key = (groups, tokens, prompt_tokens, heads, device)
+        per_row = len(key_groups) > 1
+        key = (key_groups, tokens, prompt_tokens, heads, device, layers if per_row else 1)
         found = self._text_matrix.get(key)
         if found is None:
             rows = self.groups_bank_rows()
             if len(rows) != tokens - prompt_tokens:
                 raise GeometryError(f"{tokens - prompt_tokens} key columns after the prompt, but the token "
                                     f"groups name {len(rows)} phrase-bank rows")
-            columns = resolve_columns(groups, prompt_tokens, rows)
-            found = self._text_matrix[key] = text_map_matrix(columns, tokens, heads, device, allow_empty=True)
+            matrices = [text_map_matrix(resolve_columns(groups, prompt_tokens, rows), tokens, heads, device,
+                                        allow_empty=True) for groups in key_groups]  # each (H*T, R)
+            found = torch.stack(matrices * layers) if per_row else matrices[0]  # (L*B_map, H*T, R) or (H*T, R)
+            self._text_matrix[key] = found
         return found
 
     def head_mask(self, width: int, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -11,7 +11,7 @@ never sees them.
 """
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, Optional, Sequence, Tuple
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 
@@ -71,9 +71,3 @@ class PhraseBank:
         start, stop = self.spans[phrase]
         return tuple(bank_entry(row) for row in range(start, stop))
 
-
-def phrase_groups_with_bank(in_prompt: Groups, bank: Optional[Dict[int, Tuple[int, ...]]]) -> Tuple[Tuple[int, ...], ...]:
-    """Each region's group: its prompt positions, or, where it has none, its bank entries
-    (`bank`: region -> entries; None = no bank, the group stays empty)."""
-    return tuple(tuple(group) if group or bank is None else tuple(bank.get(r, ()))
-                 for r, group in enumerate(in_prompt))

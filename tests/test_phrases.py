@@ -107,11 +107,14 @@ def oracle_maps(q, k, extra, heads, groups):
     return torch.stack([probs[:, :, list(g)].mean(dim=-1) for g in groups], dim=1)  # (B, R, N)
 
 
-def test_maps_from_the_phrase_are_softmax_over_prompt_plus_phrase_tokens(unet, layers, bank):
+@pytest.mark.parametrize("per_row", [False, True])
+def test_maps_from_the_phrase_are_softmax_over_prompt_plus_phrase_tokens(unet, layers, bank, per_row):
     """Each map layer: the bank rows the groups name, projected with that layer's own to_k, are
-    extra key columns of the scores; the groups take their columns."""
+    extra key columns of the scores; the groups take their columns. Rows with different groups
+    (a batch of different prompts) share the call's keys, each averaging its own columns."""
     groups = ((2, 3), bank.entries(1), bank.entries(2))  # face in the prompt, the others from the phrase
-    rows = bank_rows(groups)  # (1, 2, 3, 4): appended after the 12 prompt tokens
+    row_groups = (groups, ((4,), bank.entries(0), (7, 8))) if per_row else (groups, groups)
+    rows = bank_rows(groups + row_groups[1])  # appended after the 12 prompt tokens, ascending
     chosen = map_layers(layers, (1, 2))
     captured, recorded = {}, {}
 
@@ -120,7 +123,7 @@ def test_maps_from_the_phrase_are_softmax_over_prompt_plus_phrase_tokens(unet, l
 
     state = RegionState(kv=[(torch.zeros(1, 1, 1, l.inner_dim),) * 2 for l in layers], weights=torch.ones(3),
                         map_layers=frozenset(l.index for l in chosen), token_groups=groups, add_term=False,
-                        bank=bank.embeddings, after_call=keep)
+                        bank=bank.embeddings, after_call=keep, row_groups=row_groups if per_row else None)
     session_ = HookSession(root=unet)
     plan_region_hooks(session_, unet, layers, state)
     def probe(name, index):
@@ -140,14 +143,17 @@ def test_maps_from_the_phrase_are_softmax_over_prompt_plus_phrase_tokens(unet, l
         for handle in probes:
             handle.remove()
     assert ours(unet) == 0 and set(recorded) == {l.index for l in chosen}
-    resolved = resolve_columns(groups, T_TEXT, rows)
-    assert resolved == ((2, 3), (12, 13), (14, 15))
+    assert rows == ((0, 1, 2, 3, 4) if per_row else (1, 2, 3, 4))
+    if not per_row:
+        assert resolve_columns(groups, T_TEXT, rows) == ((2, 3), (12, 13), (14, 15))
     for layer in chosen:
         got = captured[layer.index]
         with torch.no_grad():
             extra = layer.module.to_k(bank.embeddings[list(rows)])[None]  # (1, P, C)
-        want = oracle_maps(got["q"], got["k"], extra, layer.heads, resolved)
-        assert (recorded[layer.index].double() - want).abs().max() < 1e-6
+        for row, own in enumerate(row_groups):
+            want = oracle_maps(got["q"][row:row + 1], got["k"][row:row + 1], extra, layer.heads,
+                               resolve_columns(own, T_TEXT, rows))
+            assert (recorded[layer.index][row:row + 1].double() - want).abs().max() < 1e-6
 
 
 # ---------------------------------------------------------------- what it leaves alone
@@ -193,6 +199,23 @@ def test_a_prompt_naming_no_region_gives_every_region_a_place(unet, layers, adap
     with session(unet, layers, adapter) as fusion:
         plain_layout = run(unet, fusion, IN_PROMPT)
     assert not torch.equal(outs[-1], plain_layout[-1])
+
+
+def test_images_with_different_groups_in_one_call_each_get_their_layout(unet, layers, adapter, bank):
+    """Two prompts in one batch (one names the regions, one does not): before, only the rows with
+    the first cond row's groups gave maps; now every cond row with columns does."""
+    mixed = RowPlan(is_cond=(True, True, False, False), image=(0, 1, 0, 1),
+                    token_groups=(IN_PROMPT, tuple(bank.entries(r) for r in range(3)), None, None))
+    x, t, ctx = inputs(4)
+    with session(unet, layers, adapter, bank.embeddings) as fusion, torch.no_grad():
+        fusion.begin_pass(LATENT, 4)
+        for step in range(2):
+            fusion.begin_step(step, mixed)
+            unet(x, timesteps=t, context=ctx)
+        fusion.begin_step(2, mixed)
+        masks = fusion.masks
+    regions = masks[:, 1:]
+    assert ((regions.amax(dim=2) - regions.amin(dim=2)) > 0.3).all()  # both images, every region
 
 
 def test_groups_naming_rows_without_a_bank_are_refused(unet, layers, adapter, bank):

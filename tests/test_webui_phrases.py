@@ -13,7 +13,7 @@ from charadapter.webui import controller as ca_controller
 from charadapter.webui import prompts as ca_prompts
 from charadapter.webui import show_masks as ca_show_masks
 from tiny_sd import TINY_CONTEXT_DIM
-from webui_host import errors, generate, ours, pixels, plain
+from webui_host import errors, generate, ours, pixels, plain, shared
 
 KEY = "Character-Adapter located"
 NAMED = "a face, upper body, lower body, standing"
@@ -110,10 +110,16 @@ def test_every_phrase_in_the_prompt_runs_as_before_bit_for_bit(host, sd_model, m
     assert seen[0][1] is not None and torch.equal(pixels(processed), pixels(with_bank))
 
 
-def test_a_batch_mixing_both_says_per_image_how_it_was_located(host, sd_model):
+@pytest.mark.parametrize("batch_cond_uncond", [True, False])
+def test_a_batch_mixing_both_locates_every_image_and_says_how(host, sd_model, monkeypatch, batch_cond_uncond):
+    """Rows of one UNet call with different token groups each get their own map columns."""
     runner, script = host
-    p, processed = generate(script, runner, prompt=[NAMED, UNNAMED], batch_size=2, negative_prompt=["", ""])
+    shared.opts.batch_cond_uncond = batch_cond_uncond  # the host fixture resets the options per test
+    with layouts(monkeypatch) as seen:
+        p, processed = generate(script, runner, prompt=[NAMED, UNNAMED], batch_size=2, negative_prompt=["", ""])
     assert no_errors() and not comments_about_location(p)
+    (masks, bank), = seen
+    assert masks.shape[0] == 2 and every_region_placed(masks)
     assert callable(p.extra_generation_params[KEY])
     assert f'{KEY}: "{ALL_IN_PROMPT}"' in processed.infotexts[0]
     assert f'{KEY}: "{ALL_FROM_PHRASE}"' in processed.infotexts[1]
@@ -158,3 +164,5 @@ def test_without_a_bank_a_missing_phrase_is_still_reported(host, sd_model, monke
     monkeypatch.setattr(ca_controller.Controller, "_locate", staticmethod(lambda p, gen: None))
     p, _ = generate(script, runner, prompt=UNNAMED, steps=3)
     assert len(comments_about_location(p)) == 3 and no_errors()
+
+

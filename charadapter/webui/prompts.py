@@ -4,6 +4,7 @@ row of a step's CFG batch (the host's tokenizer, emphasis, BREAK, AND and prompt
 `modules` is imported inside the functions that need it, so importing this file needs no WebUI.
 """
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
@@ -198,13 +199,15 @@ class LocatedPerImage:
     per-image infotexts and the run's Processed infotext use different lists; each pairs them)."""
 
     def __init__(self, finder: "PhraseFinder", sd_model, steps: int):
-        self.finder, self.sd_model, self.steps = finder, sd_model, steps
+        self.finder, self.steps = finder, steps
+        self.sd_model = weakref.ref(sd_model)  # p keeps this value: it must not keep a checkpoint alive
 
     def __call__(self, all_prompts=None, index=0, **_) -> Optional[str]:
-        if not all_prompts or not 0 <= int(index) < len(all_prompts):
+        sd_model = self.sd_model()
+        if sd_model is None or not all_prompts or not 0 <= int(index) < len(all_prompts):
             return None
         texts = layout_texts(all_prompts[int(index)], self.steps)
-        return located_text(self.finder.phrases, self.finder.locations(self.sd_model, texts))
+        return located_text(self.finder.phrases, self.finder.locations(sd_model, texts))
 
 
 def located_infotext(finder: "PhraseFinder", sd_model, steps: int, located: Sequence[Sequence[str]]) -> Any:
@@ -217,7 +220,8 @@ def row_plan(finder: PhraseFinder, p, hires: bool, params: Any, step: int) -> Ro
     """The full CFG batch as CFGDenoiser.forward stacks it: each image's AND rows, then one
     uncond row per image (HOST_NOTES §7). Calls that get only part of it (split calls, Skip
     Early CFG, NGMS) are matched in call order by FusionSession. `params` is the host's
-    CFGDenoiserParams."""
+    CFGDenoiserParams. The layout is read from each image's first AND part: later parts' rows
+    get no map columns (())."""
     text_cond = params.text_cond
     cond_rows = int((text_cond["crossattn"] if isinstance(text_cond, dict) else text_cond).shape[0])
     rows = int(params.x.shape[0])
@@ -226,11 +230,11 @@ def row_plan(finder: PhraseFinder, p, hires: bool, params: Any, step: int) -> Ro
     texts = share_rows([subprompts(prompts[i] if i < len(prompts) else "") for i in range(images)], cond_rows)
     is_cond, image, groups = [], [], []
     for i, image_texts in enumerate(texts):
-        found = [finder.groups(p.sd_model, scheduled(text, step, p.steps)) for text in image_texts]
+        found = [finder.groups(p.sd_model, scheduled(text, step, p.steps)) for text in image_texts[:1]]
         finder.warn_missing(p, found[0] if found else ())
         is_cond += [True] * len(image_texts)
         image += [i] * len(image_texts)
-        groups += found
+        groups += found + [()] * (len(image_texts) - 1)
     for i in range(rows - cond_rows):
         is_cond.append(False)
         image.append(i)
