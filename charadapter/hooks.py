@@ -204,6 +204,7 @@ class RegionState:
     _text_matrix: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _head_mask: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _rows_seen: Any = field(default=None, repr=False)
+    _groups_seen: Optional[tuple] = field(default=None, repr=False)  # (token_groups, row_groups, as ints)
     _bank_rows: Dict[tuple, Tuple[int, ...]] = field(default_factory=dict, repr=False)  # groups -> bank rows
     _bank_keys: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # per layer: (P, C)
     _run_bank_keys: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # per run: (L*B, P, C)
@@ -288,9 +289,13 @@ class RegionState:
         return found
 
     def _groups_key(self) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
-        """The map rows' groups as ints: one entry when the rows share them."""
-        rows = self.row_groups or (self.token_groups or (),)
-        return tuple(tuple(tuple(int(t) for t in g) for g in groups) for groups in rows)
+        """The map rows' groups as ints: one entry when the rows share them (made once per call)."""
+        seen = self._groups_seen
+        if seen is None or seen[0] is not self.token_groups or seen[1] is not self.row_groups:
+            rows = self.row_groups or (self.token_groups or (),)
+            key = tuple(tuple(tuple(int(t) for t in g) for g in groups) for groups in rows)
+            seen = self._groups_seen = (self.token_groups, self.row_groups, key)
+        return seen[2]
 
     def forget_bank_keys(self) -> None:
         """Drop the projected bank rows (a new pass may bring other weights: LoRA, another UNet)."""
