@@ -547,7 +547,7 @@ def test_sdxl_locates_regions_the_prompt_does_not_name(tmp_path, monkeypatch):
                         lambda self: seen.append((self.masks, self.state.bank)) or original_remove(self))
     with hosted(model, tmp_path, monkeypatch) as (runner, script):
         xl = sd_models.register_model(TinySDXL(model), arch="sdxl")
-        monkeypatch.setitem(ca_reference_pass.REFERENCE_SIDE, "sdxl", 64)
+        monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sdxl", 64 * 128)
         sd15 = ca_caches.ADAPTER_CACHE.get("tiny-adapter")
         spec = dataclasses.replace(sd15.spec, arch="sdxl", variant="sdxl", encoder="ViT-bigG-14")
         ca_caches.ADAPTER_CACHE.put("tiny-adapter", dataclasses.replace(sd15, spec=spec))
