@@ -281,3 +281,20 @@ def test_phrase_columns_cost_one_operator_per_map_run_and_no_host_read(adapter, 
         counts[name] = (ops.count, ops.reads)
     assert counts["phrase"][1] == counts["prompt"][1] == []
     assert counts["prompt"][0] < counts["phrase"][0] <= counts["prompt"][0] + runs
+
+
+# ---------------------------------------------------------------- what the user sees
+
+
+def test_the_layout_legend_keeps_the_picture_and_names_each_region_in_its_colour():
+    from PIL import Image
+
+    from charadapter.overlays import PALETTE, with_legend
+
+    image = Image.new("RGB", (64, 48), (10, 20, 30))
+    out = with_legend(image, ["face: from the phrase", "upper body: in the prompt"])
+    assert out.height > image.height and out.width >= image.width
+    assert out.crop((0, 0, 64, 48)).tobytes() == image.tobytes()  # the picture itself is untouched
+    strip = {out.getpixel((x, y)) for x in range(out.width) for y in range(48, out.height)}
+    assert {PALETTE[0], PALETTE[1], (255, 255, 255)} <= strip and PALETTE[2] not in strip
+    assert with_legend(image, []) is image
