@@ -191,6 +191,8 @@ CASES = {
     "sdxl_square_bigg_capped": lambda: txt2img([unit(model=SDXL_BIGG, image=REF_SQUARE)]),
     "sdxl_square_show_masks": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, show_masks=True)]),
     "sdxl_square_global": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, regions=[])]),
+    "sdxl_no_region_phrase": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, show_masks=True)], **SIZE128,
+                                             prompt="a knight riding a horse at dusk"),
     "sdxl_xyz_weight": xyz("[Character-Adapter] Weight", "0, 0.8", args=[unit(model=SDXL_VITH, image=REF_SQUARE)]),
     "sdxl_wrong_family": lambda: txt2img([unit(image=REF_SQUARE)]),  # an SD1.5 adapter on SDXL: refused
     # DANGER: a 1:2 reference is a 1024x2048 UNet pass; it took the WebUI to 24.3 GB (OOM kill) on a
@@ -204,6 +206,7 @@ LOCATED = f'{TITLE} located: "'
 # what the first infotext's "Character-Adapter located" must contain
 EXPECT_LOCATED = {
     "no_region_phrase": "face: from the phrase, upper body: from the phrase, lower body: from the phrase",
+    "sdxl_no_region_phrase": "face: from the phrase, upper body: from the phrase, lower body: from the phrase",
     "dict": "face: in the prompt, upper body: in the prompt, lower body: in the prompt",
     "dict_regions": "face: in the prompt, red jacket: in the prompt, blue jeans: in the prompt",
 }
