@@ -432,11 +432,33 @@ def test_term_rides_on_the_hosts_out_projection(unet, inputs):
     assert hooked_ops.names.count("aten.baddbmm") == 16  # one fused (values @ probs + output) per layer
 
 
+def test_autocast_query_of_the_running_torch():
+    """The query picked for the installed torch answers for the CPU, in and out of autocast."""
+    from charadapter import hooks
+
+    query = hooks._autocast_query()
+    takes_device = torch.__version__ >= (2, 4)  # torch < 2.4 (the WebUI's 2.1): no argument, CUDA only
+    assert (query is torch.is_autocast_enabled) == takes_device
+    assert not query("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert query("cpu")
+
+
+def test_autocast_query_is_picked_once_for_new_torch(monkeypatch):
+    """torch >= 2.4 takes the device type: the query is torch's own function, no wrapper."""
+    from charadapter import hooks
+
+    def is_autocast_enabled(device_type):
+        return f"{device_type}-flag"
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", is_autocast_enabled)
+    assert hooks._autocast_query() is is_autocast_enabled
+
+
 def test_autocast_query_is_picked_once_for_old_torch(monkeypatch):
     """torch < 2.4 (the WebUI's 2.1) has a no-argument, CUDA-only is_autocast_enabled."""
     from charadapter import hooks
 
-    assert hooks._autocast_query() is torch.is_autocast_enabled  # this torch takes the device type
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda: "cuda-flag")
     monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: "cpu-flag", raising=False)
     query = hooks._autocast_query()
