@@ -247,6 +247,9 @@ def text_map_matrix(
     return matrix.view(heads * tokens, len(token_groups)).to(device)  # (H*T, R)
 
 
+_FP16_MAX = torch.finfo(torch.float16).max
+
+
 def map_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the text-map scores: the host's, except bfloat16 (too coarse for 77-way softmax logits)."""
     return torch.float32 if dtype == torch.bfloat16 else dtype
@@ -276,6 +279,11 @@ def text_maps(q: torch.Tensor, k: torch.Tensor, heads: int, matrix: torch.Tensor
         mask = head_mask(width, heads, q.device, dtype)
     kb = k.transpose(1, 2).unsqueeze(2) * mask  # (B, C, 1, T) * (C, H, 1) -> (B, C, H, T), block-diagonal
     scores = torch.bmm(q.to(dtype), kb.view(batch, width, heads * tokens))  # (B, N, H*T)
+    if dtype == torch.float16:
+        # a score past 65504 is inf in float16 (the host's own attention may accumulate in float32
+        # and never see it), and softmax over a row with inf is NaN: clip to the largest finite
+        # score, which then wins the softmax as it would in float32
+        scores.clamp_(-_FP16_MAX, _FP16_MAX)
     probs = scores.view(batch, positions, heads, tokens).softmax(dim=-1, dtype=torch.float32)
     return torch.matmul(probs.view(batch, positions, -1), matrix).transpose(1, 2)  # (B, R, N)
 
