@@ -205,6 +205,7 @@ class Api:  # mirrors modules/api/api.py (Api)
     def text2imgapi(self, txt2imgreq: models.StableDiffusionTxt2ImgProcessingAPI):  # mirrors (Api.text2imgapi)
         script_runner = scripts.scripts_txt2img
         selectable_scripts, selectable_script_idx = self.get_selectable_script(txt2imgreq.script_name, script_runner)
+        # .copy(update=...) as the real one: pydantic 1's name, still there (deprecated) in pydantic 2
         populate = txt2imgreq.copy(update={  # Override __init__ params
             "sampler_name": validate_sampler_name(txt2imgreq.sampler_name or txt2imgreq.sampler_index),
             "do_not_save_samples": not txt2imgreq.save_images,

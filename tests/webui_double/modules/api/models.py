@@ -14,9 +14,9 @@ from typing import Any, List, Optional
 import pydantic
 from pydantic import BaseModel, Field, create_model
 
-PYDANTIC_V1 = pydantic.VERSION.startswith("1.")
-
 from modules.processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
+
+PYDANTIC_V1 = pydantic.VERSION.startswith("1.")
 
 API_NOT_ALLOWED = [  # mirrors modules/api/models.py (API_NOT_ALLOWED)
     "self",
