@@ -315,6 +315,8 @@ class FusionSession:
             if name == "bias":  # background logit / temperature, then the regions' 0
                 value = torch.zeros(self.regions + 1)
                 value[BACKGROUND] = self.config.background / self.config.temperature
+            elif name == "channels":
+                value = torch.arange(self.regions + 1)
             else:
                 raise KeyError(name)
             found = self._constants[key] = value.to(device)
@@ -343,7 +345,7 @@ class FusionSession:
         else:
             source = None
         if source is not None and self.config.mode == "hard":
-            masks = one_hot_last(source, dtype)
+            masks = one_hot_last(source, dtype, self._constant("channels", device))
         elif source is not None:
             masks = torch.softmax(source, dim=-1)
             masks = masks if masks.dtype == dtype else masks.to(dtype)

@@ -127,10 +127,12 @@ def fused_logits(maps: torch.Tensor, bias: torch.Tensor, temperature: float, cop
     return torch.addcdiv(bias, d, span, value=1.0 / temperature)
 
 
-def one_hot_last(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One-hot (..., R+1) in `dtype` of the argmax over the last axis (ties: the lower channel)."""
+def one_hot_last(logits: torch.Tensor, dtype: torch.dtype, channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One-hot (..., R+1) in `dtype` of the argmax over the last axis (ties: the lower channel);
+    `channels` = arange(R+1) on the logits' device (made when None)."""
     winner = logits.argmax(dim=-1, keepdim=True)  # (..., 1)
-    channels = torch.arange(logits.shape[-1], device=logits.device)
+    if channels is None:
+        channels = torch.arange(logits.shape[-1], device=logits.device)
     return torch.eq(winner, channels, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
 
 
