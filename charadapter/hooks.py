@@ -223,14 +223,20 @@ class RegionState:
         self._queued = self._seen = 0
         self._coef.clear()
 
-    def add_map(self, hw: Size, heads: int, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Queue one map layer's q (B_map, N, C) and k (B_map, T, C); compute the queue when the
+    def add_map(self, hw: Size, heads: int, index: int, q: torch.Tensor, k: torch.Tensor) -> None:
+        """Queue map layer `index`'s q (B_map, N, C) and k (B_map, T, C); compute the queue when the
         call's last map layer ran, or when it grew past its cap."""
-        self._queue.append((hw, heads, q, k))
+        self._queue.append((hw, heads, q, self.map_keys(index, k)))
         self._queued += q.numel()  # elements, like the cap
         self._seen += 1
         if self._seen >= self.map_total or self._queued > self._queue_cap:
             self.flush_maps()
+
+    def map_keys(self, index: int, k: torch.Tensor) -> List[torch.Tensor]:
+        """The text keys of map layer `index` as pieces whose concatenation, flattened, is
+        (B_map, T', C): the host's k (T' = T). Keys of more tokens (e.g. a phrase's own, to append
+        after each row's T tokens) are more pieces here; the groups then index them from T on."""
+        return [k]
 
     def flush_maps(self) -> None:
         """Compute the queued maps: one copy of every queued q and k, one attention and one sum per grid."""
@@ -238,18 +244,19 @@ class RegionState:
         if not queue or not self.token_groups:
             return
         groups: Dict[tuple, list] = {}
-        for hw, heads, q, k in queue:
-            groups.setdefault((hw, heads, tuple(q.shape), tuple(k.shape), q.dtype, q.device), []).append((q, k))
-        pieces = [t.reshape(-1) for items in groups.values() for part in (0, 1) for t in (i[part] for i in items)]
+        for hw, heads, q, keys in queue:
+            tokens = sum(p.numel() for p in keys) // (q.shape[0] * q.shape[2])
+            groups.setdefault((hw, heads, tuple(q.shape), tokens, q.dtype, q.device), []).append((q, keys))
+        pieces = [t.reshape(-1) for items in groups.values() for t in
+                  [q for q, _ in items] + [p for _, keys in items for p in keys]]
         del queue
         flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # every q and k, one copy
         del pieces
         regions = len(self.token_groups)
         offset = 0
-        for (hw, heads, q_shape, k_shape, dtype, device), items in groups.items():
+        for (hw, heads, q_shape, tokens, dtype, device), items in groups.items():
             layers = len(items)
             rows, positions, width = q_shape
-            tokens = k_shape[1]
             size_q, size_k = layers * rows * positions * width, layers * rows * tokens * width
             q = flat[offset:offset + size_q].view(layers * rows, positions, width)  # (L*B_map, N, C)
             k = flat[offset + size_q:offset + size_q + size_k].view(layers * rows, tokens, width)  # (L*B_map, T, C)
@@ -491,7 +498,7 @@ class _LayerHooks:
             if slot.k_calls != 1 or k is None or k.shape[0] != batch:
                 k = attn.to_k(slot.context if slot.context is not None else slot.x)
             rows = state.map_rows or slice(None)
-            state.add_map(hw, layer.heads, q[rows], k[rows])
+            state.add_map(hw, layer.heads, layer.index, q[rows], k[rows])
 
         if not state.add_term:
             return None

@@ -355,6 +355,10 @@ def test_row_check_prefers_a_fresh_cond_mark_then_the_text_rows():
         state.rows = (UNCOND, UNCOND)
         unet(x, context=torch.cat([cond[:1], cond[1:]]))
         assert list(state.rows) == [UNCOND, UNCOND] and check.corrected_calls == 2
+        check.begin_step(cond, uncond)
+        state.rows, state.planned = (UNCOND, UNCOND), True  # the step's whole batch in plan order: trusted,
+        unet(x, context=context)  # not read back (a device sync) even where the rows would disagree
+        assert list(state.rows) == [UNCOND, UNCOND] and check.corrected_calls == 2
     finally:
         check.remove()
     assert ours(unet) == 0
