@@ -128,9 +128,10 @@ class FusionSession:
     to the host and never waits for the device.
 
     Per step, `begin_step` turns the last step's maps into mask logits for every row of the plan
-    (charadapter.masks.fused_logits: 2 products, 4 operators, a softmax); the first UNet call that
-    adds the term makes its masks for every layer grid (a cast where the UNet is not float32, then
-    one pooling per coarser level); each call takes its rows' slices, views.
+    (two products bring every map grid to the latent grid, charadapter.masks.fused_logits four
+    operators more); the first UNet call that adds the term makes the masks of every layer grid
+    (softmax or one-hot, a cast where the UNet is not float32, one pooling per coarser level);
+    each call then takes its rows' slices, views.
     """
 
     def __init__(
@@ -161,7 +162,7 @@ class FusionSession:
         kv = [ip_keys_values(sets, wk.to(sets.dtype), wv.to(sets.dtype)) for wk, wv in ip_weights]
         self._weights = torch.tensor(config.region_weights or (1.0,), dtype=torch.float32) * config.weight
         chosen = [] if config.global_only else map_layers(self.layers, config.map_levels)
-        self.map_grids_levels = sorted({layer.level for layer in chosen})
+        self._map_levels = sorted({layer.level for layer in chosen})
         self.state = RegionState(
             kv=kv,
             weights=self._weights,  # folded into the cached values once
@@ -385,7 +386,7 @@ class FusionSession:
         canvas = self._canvas
         assert self.plan is not None and self.latent_hw is not None
         if canvas is None or canvas.images != self.plan.images or canvas.maps.device != device:
-            grids = [downsampled_hw(self.latent_hw, level) for level in self.map_grids_levels]
+            grids = [downsampled_hw(self.latent_hw, level) for level in self._map_levels]
             canvas = self._canvas = _Canvas(grids, self.latent_hw, self.plan.images, self.regions + 1, device)
         return canvas
 
