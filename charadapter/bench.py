@@ -51,7 +51,8 @@ SD15 = dict(  # v1-inference.yaml's unet_config
 )
 TINY = dict(SD15, model_channels=32, context_dim=32)  # same structure: --quick, and the op counts
 TEXT_TOKENS = 77  # one CLIP chunk
-GROUPS = ((5,), (8, 9), (12, 13), (15,), (17, 18), (20,))  # up to six region phrases' token columns
+GROUPS = ((5,), (8, 9), (12, 13))  # three region phrases' token columns in the 77-token prompt
+SWEEP_GROUPS = GROUPS + ((15,), (17, 18), (20,))  # up to six, for the operator count
 WEIGHT = 0.8
 SEGMENTATION_T = 650
 GOALS = dict(three_region_soft_ratio=1.05, one_region_ratio=1.02, three_vs_one_region=1.02,
@@ -150,7 +151,7 @@ class Adapter:
         scale = 1.0 / math.sqrt(context_dim)
         self.layers = [(torch.randn(l.inner_dim, context_dim, generator=gen) * scale,
                         torch.randn(l.inner_dim, context_dim, generator=gen) * scale) for l in layers]
-        self.region_tokens = torch.randn(len(GROUPS), tokens, context_dim, generator=gen)  # (R_max, T, C_ctx)
+        self.region_tokens = torch.randn(len(SWEEP_GROUPS), tokens, context_dim, generator=gen)  # (R_max, T, C_ctx)
         self.negative = torch.randn(tokens, context_dim, generator=gen)  # (T, C_ctx)
 
     def session(self, unet, layers, mode: str) -> Optional[FusionSession]:
@@ -179,7 +180,7 @@ def mode_regions(mode: str) -> int:
 
 def cfg_plan(images: int = 1, regions: int = 3) -> RowPlan:
     """The WebUI's CFG batch: cond rows of every image, then uncond rows."""
-    groups = GROUPS[:regions]
+    groups = SWEEP_GROUPS[:regions]
     return RowPlan(is_cond=(True,) * images + (False,) * images, image=tuple(range(images)) * 2,
                    token_groups=(groups,) * images + (None,) * images)
 
@@ -509,7 +510,7 @@ def segmentation(unet, layers, latent: int, device, dtype, context_dim: int, see
 
     _sync(device)
     start = time.perf_counter()
-    result, _ = segment_reference(unet, layers, run, (latent, latent), [list(g) for g in GROUPS[:3]])
+    result, _ = segment_reference(unet, layers, run, (latent, latent), [list(g) for g in GROUPS])
     _sync(device)
     return (time.perf_counter() - start) * 1000.0, result
 
@@ -524,7 +525,7 @@ def cache_hit(result: object, unet: torch.nn.Module, hits: int = 2000) -> Tuple[
         start = time.perf_counter()
         reference_hash = image_hash(image)
         hash_ms.append((time.perf_counter() - start) * 1000.0)
-    regions = tuple((" ".join(map(str, g)), "", 1.0) for g in GROUPS[:3])
+    regions = tuple((" ".join(map(str, g)), "", 1.0) for g in GROUPS)
 
     def key():  # the runtime's key: reference, regions, timestep, crop, model, UNet, adapter, encoder
         return (reference_hash, regions, SEGMENTATION_T, "strip", "bench", id(unet), "adapter", "encoder")
