@@ -195,7 +195,7 @@ class RegionState:
     grid_maps: Dict[Size, torch.Tensor] = field(default_factory=dict)  # grid -> (B_map, h, w, R+1) float32
     grid_layers: Dict[Size, int] = field(default_factory=dict)  # grid -> map layers summed this call
     map_total: int = field(default=0, repr=False)            # map layers per UNet call (planned)
-    queue_width: int = field(default=320, repr=False)         # C of the finest attention level (planned)
+    queue_level: Tuple[int, int] = field(default=(0, 320), repr=False)  # finest attention level, its C (planned)
     _queue: List[tuple] = field(default_factory=list, repr=False)  # (grid, heads, q, k) not computed yet
     _queued: int = field(default=0, repr=False)
     _queue_cap: int = field(default=0, repr=False)
@@ -209,9 +209,11 @@ class RegionState:
         """UNet entry: forget the last call's maps and coefficients."""
         self.latent_hw = latent_hw
         self.batch = batch
-        # maps wait for the call's last map layer, or until they hold 4x a (B, C, h, w) activation of
-        # the finest attention width: one batched computation per grid, bounded memory
-        self._queue_cap = 4 * batch * latent_hw[0] * latent_hw[1] * self.queue_width
+        # maps wait for the call's last map layer (SD1.5: all of them fit), or until the q's they
+        # hold reach 4 attention inputs of the finest attention level: bounded memory (SDXL)
+        level, width = self.queue_level
+        h, w = downsampled_hw(latent_hw, level)
+        self._queue_cap = 4 * batch * h * w * width  # elements
         self.clear_call()
 
     def clear_call(self) -> None:
@@ -227,7 +229,7 @@ class RegionState:
         """Queue map layer `index`'s q (B_map, N, C) and k (B_map, T, C); compute the queue when the
         call's last map layer ran, or when it grew past its cap."""
         self._queue.append((hw, heads, q, self.map_keys(index, k)))
-        self._queued += q.numel()  # elements, like the cap
+        self._queued += q.untyped_storage().nbytes() // q.element_size()  # all of q is held, not only its map rows
         self._seen += 1
         if self._seen >= self.map_total or self._queued > self._queue_cap:
             self.flush_maps()
@@ -547,7 +549,8 @@ def plan_region_hooks(
     if len(state.kv) != len(layers):
         raise CharacterAdapterError(f"state has keys/values for {len(state.kv)} layers, the UNet has {len(layers)}")
     state.map_total = sum(1 for layer in layers if layer.index in state.map_layers)
-    state.queue_width = min(layer.inner_dim for layer in layers)
+    finest = min(layer.level for layer in layers)
+    state.queue_level = (finest, min(layer.inner_dim for layer in layers if layer.level == finest))
     session.add_forward_pre_hook(unet, _UNetEnter(state), with_kwargs=True, label="unet.enter")
     session.add_forward_hook(unet, _UNetExit(state), label="unet.exit")
     for layer in layers:
