@@ -5,8 +5,9 @@ Mask tensors from `soft_masks` / `hard_masks` carry R+1 channels: the background
 index 0 (``BACKGROUND``) and region r is channel r+1, so ``masks[:, 1:]`` are the region masks in
 region order. Over the channel axis they sum to 1 at every position.
 
-The sampling loop (charadapter.fusion) uses the same formulas channels-last, (B, N, R+1), in a
-handful of operators per step: `fused_logits` and `pyramid_channels_last`.
+The functions below define the masks; the sampling loop (charadapter.fusion) computes the same
+numbers channels-last, (B, N, R+1), in a handful of operators per step (`fused_logits`,
+`one_hot_last`, `pyramid_channels_last`), and tests hold the two equal.
 """
 
 from typing import Dict, Iterable, Optional, Tuple
