@@ -1,6 +1,6 @@
 """Spatial geometry of UNet attention layers: computed from the latent size, never guessed."""
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,8 @@ import torch.nn.functional as F
 from .errors import GeometryError
 
 Size = Tuple[int, int]
+Box = Tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, right/bottom exclusive
+Frac = Tuple[float, float, float, float]  # (left, top, right, bottom) as fractions of the canvas
 
 
 def downsampled_hw(latent_hw: Size, level: int) -> Size:
@@ -51,3 +53,30 @@ def resize_maps(maps: torch.Tensor, src_hw: Size, dst_hw: Size) -> torch.Tensor:
     else:
         out = F.interpolate(grid, size=dst_hw, mode="bilinear", align_corners=False)
     return out.reshape(*lead, dst_hw[0] * dst_hw[1]).to(maps.dtype)  # (..., N_dst)
+
+
+def content_rect(content: Optional[Frac]) -> Frac:
+    """Validate where an image lies on its canvas (fractions); None = the whole canvas."""
+    if content is None:
+        return 0.0, 0.0, 1.0, 1.0
+    cx0, cy0, cx1, cy1 = (float(c) for c in content)
+    if not (0.0 <= cx0 < cx1 <= 1.0 and 0.0 <= cy0 < cy1 <= 1.0):
+        raise GeometryError(f"content rectangle {content} must satisfy 0 <= left < right <= 1, 0 <= top < bottom <= 1")
+    return cx0, cy0, cx1, cy1
+
+
+def interpolation_matrix(src: int, dst: int) -> torch.Tensor:
+    """(dst, src) float64 matrix of 1-D linear interpolation as F.interpolate does it (bilinear,
+    align_corners=False) when growing a side from src to dst cells; the identity when equal."""
+    if dst < src:
+        raise GeometryError(f"interpolation_matrix grows a side: got {src} -> {dst} cells")
+    matrix = torch.zeros(dst, src, dtype=torch.float64)
+    scale = src / dst
+    for j in range(dst):
+        pos = max((j + 0.5) * scale - 0.5, 0.0)  # source coordinate, clamped at the first cell
+        i0 = min(int(pos), src - 1)
+        i1 = min(i0 + 1, src - 1)
+        frac = pos - i0
+        matrix[j, i0] += 1.0 - frac
+        matrix[j, i1] += frac
+    return matrix

@@ -4,11 +4,16 @@ Maps and masks are flattened over space: (B, R, N) with N = h*w in row-major ord
 Mask tensors from `soft_masks` / `hard_masks` carry R+1 channels: the background channel is
 index 0 (``BACKGROUND``) and region r is channel r+1, so ``masks[:, 1:]`` are the region masks in
 region order. Over the channel axis they sum to 1 at every position.
+
+The functions below define the masks; the sampling loop (charadapter.fusion) computes the same
+numbers channels-last, (B, N, R+1), in a handful of operators per step (`fused_logits`,
+`one_hot_last`, `pyramid_channels_last`), and tests hold the two equal.
 """
 
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .errors import GeometryError
 from .geometry import Size, downsampled_hw, resize_maps
@@ -60,6 +65,12 @@ def uniform_masks(batch: int, regions: int, positions: int, device: Optional[tor
     return masks
 
 
+def layout_labels(layout: torch.Tensor, hw: Size) -> torch.Tensor:
+    """Winning region per cell (B, h, w) of masks (B, R+1, N); -1 where the background wins."""
+    grid = layout.reshape(layout.shape[0], -1, hw[0], hw[1])  # (B, R+1, N) -> (B, R+1, h, w)
+    return grid.argmax(dim=1) - (BACKGROUND + 1)  # channel r+1 -> region r, background -> -1
+
+
 def resize_masks(masks: torch.Tensor, src_hw: Size, dst_hw: Size, eps: float = 1e-6) -> torch.Tensor:
     """Resize (B, R+1, N_src) masks to dst grid and renormalise so channels still sum to 1."""
     if masks.ndim != 3:
@@ -95,3 +106,47 @@ def merge_maps(maps: Iterable[Tuple[Size, torch.Tensor]], dst_hw: Size) -> torch
     if len(shapes) != 1:
         raise GeometryError(f"maps to merge disagree in shape after resizing: {sorted(shapes)}")
     return torch.stack(resized).mean(dim=0)  # (B, R, N_dst)
+
+
+# ---- channels-last, for the sampling loop ---------------------------------------------------------
+
+MAP_FLOOR = 1e-3  # added (exactly) to every map `fused_logits` gets: a flat map stays flat, never 0/0
+SPAN_DELTA = 1e-6  # span = max - (1 - delta) * min: > 0 for maps >= MAP_FLOOR, ~ max - min otherwise
+
+
+def fused_logits(maps: torch.Tensor, bias: torch.Tensor, temperature: float, copies: int = 1) -> torch.Tensor:
+    """Mask logits (copies, I, N, R+1) of maps (I, N, R+1) >= MAP_FLOOR, whose column 0 is constant
+    (the background), in 4 operators: (maps - min) / span / temperature + bias, per column.
+
+    bias (R+1,) = [background / temperature, 0, ...]. This is mask_logits(...) / temperature
+    channels-last, up to the span's relative SPAN_DELTA * min / span, with one difference: a map
+    flatter than 1e-6 is normalised rather than zeroed (exactly flat maps still give 0).
+    """
+    lo, hi = torch.aminmax(maps, dim=1, keepdim=True)  # (I, 1, R+1)
+    span = torch.sub(hi, lo, alpha=1.0 - SPAN_DELTA)  # (I, 1, R+1)
+    d = torch.sub(maps.expand(copies, *maps.shape), lo)  # (copies, I, N, R+1): a row per copy
+    return torch.addcdiv(bias, d, span, value=1.0 / temperature)
+
+
+def one_hot_last(logits: torch.Tensor, dtype: torch.dtype, channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One-hot (..., R+1) in `dtype` of the argmax over the last axis (ties: the lower channel);
+    `channels` = arange(R+1) on the logits' device (made when None)."""
+    winner = logits.argmax(dim=-1, keepdim=True)  # (..., 1)
+    if channels is None:
+        channels = torch.arange(logits.shape[-1], device=logits.device)
+    return torch.eq(winner, channels, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
+
+
+def pyramid_channels_last(masks: torch.Tensor, latent_hw: Size, levels: Iterable[int]) -> Dict[Size, torch.Tensor]:
+    """Masks (B, N_latent, C) area-averaged to every level's grid -> {(h, w): (B, N_level, C)},
+    one pooling operator per level below the latent (same numbers as `area_pyramid`)."""
+    batch, _, channels = masks.shape
+    grid = masks.view(batch, latent_hw[0], latent_hw[1], channels).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last
+    out = {}
+    for hw in (downsampled_hw(latent_hw, level) for level in sorted(set(levels))):
+        if tuple(hw) == tuple(latent_hw):
+            out[hw] = masks
+            continue
+        pooled = F.adaptive_avg_pool2d(grid, hw)  # (B, C, h', w'), channels-last like its input
+        out[hw] = pooled.permute(0, 2, 3, 1).reshape(batch, hw[0] * hw[1], channels)  # (B, N_level, C): a view
+    return out

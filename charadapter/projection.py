@@ -14,15 +14,12 @@ Parameter names equal the file keys after the "image_proj." prefix, so that
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 import torch.nn as nn
 
 from .errors import CharacterAdapterError, CheckpointError
-
-if TYPE_CHECKING:  # pragma: no cover - typing only, avoids an import cycle
-    from .checkpoint import IPAdapterWeights
 
 # Heads are not recoverable from shapes (only heads * dim_head is). Every published Plus model
 # (SD1.5: 12 x 64, SDXL vit-h: 20 x 64), ComfyUI_IPAdapter_plus and diffusers' converter use 64.
@@ -31,6 +28,13 @@ RESAMPLER_DIM_HEAD = 64
 FULL_FACE_TOKENS = 257
 
 Shape = Tuple[int, ...]
+
+
+class ProjectionWeights(Protocol):
+    """What building a projection reads of a checkpoint (checkpoint.IPAdapterWeights has it)."""
+
+    image_proj: Mapping[str, torch.Tensor]  # file keys without the "image_proj." prefix
+    source: str  # the file, for messages
 
 
 @dataclass(frozen=True)
@@ -354,7 +358,7 @@ def projection_from_config(cfg: ProjectionConfig) -> nn.Module:
     raise CheckpointError(f"unknown projection kind {cfg.kind!r}")
 
 
-def build_image_projection(weights: "IPAdapterWeights", dtype: torch.dtype = torch.float32) -> nn.Module:
+def build_image_projection(weights: ProjectionWeights, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The checkpoint's image projection, weights loaded strictly, in eval mode, in `dtype`."""
     cfg = infer_projection_config(weights.image_proj, weights.source)
     module = projection_from_config(cfg)

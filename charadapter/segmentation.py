@@ -1,7 +1,7 @@
 """Prompt-guided segmentation of the reference: attention maps -> region masks -> crops.
 
 Host-free: the host captures the text cross-attention maps of each region phrase (averaged over
-heads and the phrase's tokens); everything after that is here, in torch / numpy / PIL.
+heads and the phrase's tokens); everything after that is here, in torch / numpy / OpenCV / PIL.
 
 Fallbacks (documented behaviour, flagged so the host can warn the user):
 - A region that ends up with no cell (zero or flat attention, or beaten everywhere by another
@@ -13,20 +13,16 @@ Fallbacks (documented behaviour, flagged so the host can warn the user):
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
+import cv2
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .errors import CharacterAdapterError, GeometryError
-from .geometry import grid_for_positions
-from .masks import merge_maps
+from .geometry import Box, Frac, content_rect, grid_for_positions
 from .images import GREY, pad_to_square
-
-Box = Tuple[int, int, int, int]  # (left, top, right, bottom), right/bottom exclusive
-Frac = Tuple[float, float, float, float]  # (left, top, right, bottom) as fractions of the canvas
-
-PALETTE = [(230, 60, 60), (60, 180, 75), (60, 110, 230), (245, 200, 40), (200, 70, 220), (40, 200, 220),
-           (245, 130, 50), (150, 100, 60)]
+from .masks import merge_maps
+from .overlays import mask_overlay
 
 
 # --- maps ----------------------------------------------------------------------------------
@@ -64,58 +60,25 @@ def normalise_maps(maps: np.ndarray, flat_tol: float = 1e-6) -> np.ndarray:
 
 # --- connected components ------------------------------------------------------------------
 
-_OFFSETS = {4: ((0, 1), (1, 0)), 8: ((0, 1), (1, 0), (1, 1), (1, -1))}  # each undirected edge once
-
-
-def _neighbour_pairs(h: int, w: int, connectivity: int):
-    """For each offset: slices (a, b) of an (h, w) grid with b the neighbour of a, and the flat
-    index step from a to b."""
-    for dy, dx in _OFFSETS[connectivity]:
-        a = (slice(0, h - dy), slice(max(0, -dx), w - max(0, dx)))
-        b = (slice(dy, h), slice(max(0, dx), w - max(0, -dx)))
-        yield a, b, dy * w + dx, max(0, -dx)
-
-
-def _components(values: np.ndarray, active: np.ndarray, connectivity: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Label connected runs of equal `values` among `active` cells of an (h, w) grid: labels
-    1..K in raster order of each component's first cell (0 = inactive), and sizes (K,).
-    Vectorised union-find: hook the higher root onto the lower, then jump pointers."""
-    h, w = values.shape
-    us, steps = [], []
-    for a, b, step, col0 in _neighbour_pairs(h, w, connectivity):
-        same = active[a] & active[b] & (values[a] == values[b])
-        r, c = np.nonzero(same)
-        us.append(r * w + c + col0)
-        steps.append(np.full(r.size, step))
-    u = np.concatenate(us)
-    v = u + np.concatenate(steps)
-    parent = np.arange(h * w)
-    while u.size:
-        ru, rv = parent[u], parent[v]
-        live = ru != rv  # an edge whose ends share a root stays settled: drop it
-        u, v, ru, rv = u[live], v[live], ru[live], rv[live]
-        if not u.size:
-            break
-        np.minimum.at(parent, np.maximum(ru, rv), np.minimum(ru, rv))
-        while True:
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                break
-            parent = jumped
-    flat = active.ravel()
-    _, inverse, sizes = np.unique(parent[flat], return_inverse=True, return_counts=True)
-    labels = np.zeros(h * w, dtype=np.int64)
-    labels[flat] = inverse.reshape(-1) + 1  # a root is its component's lowest index: raster order
-    return labels.reshape(h, w), sizes  # (h*w,) -> (h, w)
-
 
 def connected_components(mask: np.ndarray, connectivity: int = 4) -> Tuple[np.ndarray, np.ndarray]:
     """Label the components of a bool grid (h, w): labels 1..K in raster order of first cell
     (0 = outside the mask), and sizes (K,)."""
     if connectivity not in (4, 8):
         raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    mask = np.asarray(mask, dtype=bool)
-    return _components(np.zeros(mask.shape, dtype=np.int8), mask, connectivity)
+    grid = np.asarray(mask, dtype=bool).astype(np.uint8)  # (h, w) 0 / 1, contiguous
+    if grid.ndim != 2:
+        raise ValueError(f"expected a mask of shape (h, w), got {grid.shape}")
+    if grid.size == 0:  # OpenCV crashes on an empty image
+        return np.zeros(grid.shape, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(grid, connectivity=connectivity, ltype=cv2.CV_32S)
+    # OpenCV's numbering depends on its algorithm (and threads): renumber by first cell
+    ids, first = np.unique(labels.ravel(), return_index=True)
+    ids, first = ids[ids > 0], first[ids > 0]
+    ids = ids[np.argsort(first, kind="stable")]  # OpenCV label of the k-th component in raster order
+    renumber = np.zeros(count, dtype=np.int64)
+    renumber[ids] = np.arange(1, ids.size + 1)
+    return renumber[labels], stats[ids, cv2.CC_STAT_AREA].astype(np.int64)
 
 
 # --- masks ---------------------------------------------------------------------------------
@@ -183,36 +146,25 @@ def _cleanup(labels: np.ndarray, regions: int) -> np.ndarray:
 
     A hole that also touches another region (e.g. a region nested inside this one) is left
     alone, so no region is ever overwritten and the result does not depend on region order."""
-    comp, sizes = _components(labels, labels >= 0, 4)
-    if sizes.size == 0:
-        return labels
-    comp_ids, first = np.unique(comp.ravel(), return_index=True)
-    first = first[comp_ids > 0]  # flat index of each component's first cell, components 1..K
-    region_of = labels.ravel()[first]  # (K,)
-    keep = np.zeros(sizes.size + 1, dtype=bool)
+    kept = np.full_like(labels, -1)
     for r in range(regions):
-        mine = np.flatnonzero(region_of == r)
-        if mine.size:
-            keep[mine[np.argmax(sizes[mine])] + 1] = True  # argmax: ties go to the first in raster order
-    kept = np.where(keep[comp], labels, -1)
+        parts, sizes = connected_components(labels == r, 4)
+        if sizes.size:
+            kept[parts == int(np.argmax(sizes)) + 1] = r  # argmax: ties go to the first in raster order
 
     background = kept < 0
-    holes, hole_sizes = _components(kept, background, 8)
+    holes, hole_sizes = connected_components(background, 8)
     if hole_sizes.size == 0:
         return kept
-    h, w = kept.shape
-    pairs = []  # (hole id, region) for every 8-adjacency between a background run and a region
-    for a, b, _, _ in _neighbour_pairs(h, w, 8):
-        for x, y in ((a, b), (b, a)):
-            touch = background[x] & ~background[y]
-            pairs.append(np.stack([holes[x][touch], kept[y][touch]], axis=1))
-    pairs = np.unique(np.concatenate(pairs), axis=0)  # (P, 2) distinct (hole, region)
-    n_regions = np.bincount(pairs[:, 0], minlength=hole_sizes.size + 1)
-    owner = np.full(hole_sizes.size + 1, -1, dtype=np.int64)
-    owner[pairs[:, 0]] = pairs[:, 1]
-    fill = n_regions == 1
+    touches = np.zeros((regions, hole_sizes.size + 1), dtype=bool)  # (R, K+1): region r borders hole k
+    ring = np.ones((3, 3), dtype=np.uint8)  # the 8-neighbourhood
+    for r in range(regions):
+        near = cv2.dilate((kept == r).astype(np.uint8), ring).astype(bool) & background
+        touches[r, holes[near]] = True
+    fill = touches.sum(axis=0) == 1
     fill[np.unique(np.concatenate([holes[0], holes[-1], holes[:, 0], holes[:, -1]]))] = False
     fill[0] = False
+    owner = touches.argmax(axis=0)  # (K+1,): the one region of a hole that is filled
     return np.where(fill[holes], owner[holes], kept)
 
 
@@ -247,7 +199,7 @@ def region_boxes(masks, image_size: Tuple[int, int], style: str = "strip", margi
     W, H = int(image_size[0]), int(image_size[1])
     if W <= 0 or H <= 0:
         raise GeometryError(f"image size {W}x{H} is empty")
-    cx0, cy0, cx1, cy1 = _check_content(content)
+    cx0, cy0, cx1, cy1 = content_rect(content)
     h, w = m.shape[1:]
     out = []
     for mask in m.astype(bool):
@@ -275,16 +227,6 @@ def region_boxes(masks, image_size: Tuple[int, int], style: str = "strip", margi
     return out
 
 
-def _check_content(content: Optional[Frac]) -> Frac:
-    """Validate the content rectangle (fractions of the canvas); default the whole canvas."""
-    if content is None:
-        return 0.0, 0.0, 1.0, 1.0
-    cx0, cy0, cx1, cy1 = (float(c) for c in content)
-    if not (0.0 <= cx0 < cx1 <= 1.0 and 0.0 <= cy0 < cy1 <= 1.0):
-        raise GeometryError(f"content rectangle {content} must satisfy 0 <= left < right <= 1, 0 <= top < bottom <= 1")
-    return cx0, cy0, cx1, cy1
-
-
 def region_crops(image: Image.Image, boxes: Sequence[Box],
                  pad_color: Tuple[int, int, int] = GREY) -> List[Image.Image]:
     """Crop each box from the image and pad it to a square (never centre-crop)."""
@@ -295,30 +237,3 @@ def region_crops(image: Image.Image, boxes: Sequence[Box],
             raise GeometryError(f"box {i} {(left, top, right, bottom)} is not inside the {W}x{H} image")
         crops.append(pad_to_square(image.crop((left, top, right, bottom)), pad_color))
     return crops
-
-
-def mask_overlay(image: Image.Image, labels: np.ndarray,
-                 colors: Optional[Sequence[Tuple[int, int, int]]] = None, alpha: float = 0.45,
-                 content: Optional[Frac] = None, boxes: Optional[Sequence[Box]] = None) -> Image.Image:
-    """Tint each pixel of the image by the region label (h, w) of its grid cell (-1: none)."""
-    colors = list(colors) if colors else PALETTE
-    rgb = image.convert("RGB")
-    W, H = rgb.size
-    h, w = labels.shape
-    cx0, cy0, cx1, cy1 = _check_content(content)
-    # grid cell of each pixel centre: pixel -> canvas fraction -> cell
-    cols = np.floor((cx0 + (np.arange(W) + 0.5) / W * (cx1 - cx0)) * w).astype(np.int64).clip(0, w - 1)
-    rows = np.floor((cy0 + (np.arange(H) + 0.5) / H * (cy1 - cy0)) * h).astype(np.int64).clip(0, h - 1)
-    shifted = (np.clip(labels, -1, 254) + 1).astype(np.uint8)  # (h, w): 0 = background, r + 1
-    per_pixel = Image.fromarray(shifted[rows[:, None], cols[None, :]])  # (H, W), mode L
-    tint = per_pixel.copy()  # putpalette makes an L image P, keeping the values as indices
-    tint.putpalette([0, 0, 0] + [c for r in range(255) for c in colors[r % len(colors)]])
-    opacity = int(round(255 * min(max(alpha, 0.0), 1.0)))
-    mask = per_pixel.point(lambda v: opacity if v else 0)
-    out = Image.composite(tint.convert("RGB"), rgb, mask)
-    if boxes:
-        draw = ImageDraw.Draw(out)
-        width = max(1, round(min(W, H) / 200))
-        for r, (left, top, right, bottom) in enumerate(boxes):
-            draw.rectangle((left, top, right - 1, bottom - 1), outline=colors[r % len(colors)], width=width)
-    return out

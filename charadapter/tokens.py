@@ -33,3 +33,12 @@ def phrase_positions(chunks: Sequence[Sequence[int]], phrase: Sequence[int]) -> 
             positions.extend(offset + start + i for i in range(len(phrase)))
         offset += len(chunk)
     return sorted(set(positions))
+
+
+def unplaced_phrase(phrase: str, tokens: int, chunk: int = 75) -> str:
+    """Why a region phrase of `tokens` tokens was not found in its own prompt, naming it."""
+    why = (f"is {tokens} tokens long; it must fit in one {chunk}-token chunk" if tokens > chunk
+           else "gives no tokens" if tokens == 0
+           else f"is cut by a {chunk}-token chunk border: the region phrases together are too long")
+    shown = phrase if len(phrase) <= 40 else phrase[:40] + "..."
+    return f"region phrase {shown!r} {why}"

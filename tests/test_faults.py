@@ -23,11 +23,15 @@ import numpy as np
 import pytest
 import torch
 
+from charadapter import overlays as ca_overlays
 from charadapter.cache import BoundedCache
 from charadapter.errors import CharacterAdapterError
 from charadapter.layers import find_attn2_layers
+from charadapter.webui import caches as ca_caches
+from charadapter.webui import controller as ca_controller
+from charadapter.webui import reference_pass as ca_reference_pass
 from tiny_sd import make_tiny_sd
-from webui_host import (ROOT, args_for, errors, ours, plain, processing, runtime, sd_models, shared)
+from webui_host import (ROOT, args_for, errors, ours, plain, processing, sd_models, shared)
 
 # the plain generation compared with the fresh process (same values as webui_host.plain's defaults)
 PLAIN = dict(prompt="a face, upper body, lower body, standing", negative_prompt="", batch_size=1, steps=2,
@@ -95,19 +99,19 @@ def spy(monkeypatch):
     """Weak references to every Generation, FusionSession and key/value tensor the run makes."""
     refs = []
 
-    class SpyGeneration(runtime.Generation):
+    class SpyGeneration(ca_controller.Generation):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             refs.append(weakref.ref(self))
 
-    class SpyFusion(runtime.FusionSession):
+    class SpyFusion(ca_controller.FusionSession):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             refs.append(weakref.ref(self))
             refs.extend(weakref.ref(t) for pair in self.state.kv for t in pair)
 
-    monkeypatch.setattr(runtime, "Generation", SpyGeneration)
-    monkeypatch.setattr(runtime, "FusionSession", SpyFusion)
+    monkeypatch.setattr(ca_controller, "Generation", SpyGeneration)
+    monkeypatch.setattr(ca_controller, "FusionSession", SpyFusion)
     return refs
 
 
@@ -145,8 +149,8 @@ def attempt(script, runner, **kwargs):
 
 
 def runtime_caches():
-    """Every bounded cache of the runtime, by name."""
-    return {name: cache for name, cache in vars(runtime).items() if isinstance(cache, BoundedCache)}
+    """Every bounded cache of the extension (webui/caches.py), by name."""
+    return {name: cache for name, cache in vars(ca_caches).items() if isinstance(cache, BoundedCache)}
 
 
 def sampling_calls(x):
@@ -190,14 +194,14 @@ def test_fault_while_preparing_stops_the_run_and_leaves_nothing(host, sd_model, 
     resolved = {"adapter": "tiny-adapter", "encoder": "tiny-encoder"}
     if stage == "load_ip_adapter":
         resolved["adapter"] = "unreadable-adapter"  # not in the cache: the loader runs
-        monkeypatch.setattr(runtime, "load_ip_adapter", _fail("injected fault: adapter file unreadable"))
+        monkeypatch.setattr(ca_reference_pass, "load_ip_adapter", _fail("injected fault: adapter file unreadable"))
     elif stage == "load_clip_vision":
         resolved["encoder"] = "unreadable-encoder"
-        monkeypatch.setattr(runtime, "load_clip_vision", _fail("injected fault: encoder file unreadable"))
+        monkeypatch.setattr(ca_reference_pass, "load_clip_vision", _fail("injected fault: encoder file unreadable"))
     elif stage == "encode":
-        monkeypatch.setattr(runtime.RegionEncoder, "encode", _fail("injected fault: CLIP encoding"))
+        monkeypatch.setattr(ca_reference_pass.RegionEncoder, "encode", _fail("injected fault: CLIP encoding"))
     elif stage == "segment_reference":
-        monkeypatch.setattr(runtime, "segment_reference", _fail("injected fault: segmentation"))
+        monkeypatch.setattr(ca_reference_pass, "segment_reference", _fail("injected fault: segmentation"))
     else:  # inside the UNet, while the segmentation pass's hooks are on it
         def break_segmentation(module, args, output):
             if args[0].shape[0] == 1:
@@ -218,10 +222,12 @@ def test_fault_while_preparing_stops_the_run_and_leaves_nothing(host, sd_model, 
     assert "injected fault" in str(error) and str(error).startswith("Character-Adapter")
     assert any("injected fault" in comment for comment in p.comments)
     assert not [rows for rows in completed if rows == 2], "a sampling step ran"
-    # nothing half-made is cached; only a finished segmentation may stay when the encoding failed after it
+    # nothing half-made is cached; only a finished segmentation may stay when the image encoder failed
+    # after it (it is loaded after the UNet pass, so the two never share memory)
     grown = {name: set(cache._items) - cached[name] for name, cache in runtime_caches().items()}
     assert {name: keys for name, keys in grown.items() if keys} == {} or (
-        stage == "encode" and set(n for n, keys in grown.items() if keys) == {"SEGMENTATION_CACHE"}), grown
+        stage in ("encode", "load_clip_vision")
+        and set(n for n, keys in grown.items() if keys) == {"SEGMENTATION_CACHE"}), grown
     assert_nothing_left(script, spy, sd_model)
     assert_plain_is_fresh(runner, script, fresh)
 
@@ -265,7 +271,7 @@ def test_fault_in_our_own_hook_leaves_nothing(host, sd_model, spy, probes, monke
     runner, script = host
     from charadapter import hooks
 
-    real, calls = hooks.add_region_ip, []
+    real, calls = hooks.add_region_term, []
     probes(sd_model.model.diffusion_model, lambda module, args: calls.append(sampling_calls(args[0])), pre=True)
 
     def failing(*args, **kwargs):
@@ -273,7 +279,7 @@ def test_fault_in_our_own_hook_leaves_nothing(host, sd_model, spy, probes, monke
             raise torch.cuda.OutOfMemoryError("injected fault: out of memory in the region term")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hooks, "add_region_ip", failing)
+    monkeypatch.setattr(hooks, "add_region_term", failing)
     _, _, error = attempt(script, runner, steps=3)
     assert isinstance(error, torch.cuda.OutOfMemoryError), repr(error)
     assert_nothing_left(script, spy, sd_model)
@@ -301,8 +307,7 @@ def test_fault_in_the_hires_pass_leaves_nothing(host, sd_model, spy, probes, fre
 def test_fault_in_our_step_callback_stops_the_run(host, sd_model, spy, monkeypatch, fresh):
     """on_cfg_denoiser errors are swallowed by the host: sampling must not go on with a stale plan."""
     runner, script = host
-    controller = script.hooks.controller
-    real, calls = controller._row_plan, []
+    real, calls = ca_controller.row_plan, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -310,7 +315,7 @@ def test_fault_in_our_step_callback_stops_the_run(host, sd_model, spy, monkeypat
             raise RuntimeError("injected fault: row plan")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(controller, "_row_plan", failing)
+    monkeypatch.setattr(ca_controller, "row_plan", failing)
     _, _, error = attempt(script, runner, steps=3)
     assert isinstance(error, CharacterAdapterError) and "injected fault: row plan" in str(error), repr(error)
     assert_nothing_left(script, spy, sd_model)
@@ -336,7 +341,7 @@ def test_fault_after_sampling_is_cleared_by_the_next_run_start(host, sd_model, s
 
 def test_fault_in_postprocess_keeps_the_images_and_leaves_nothing(host, sd_model, spy, monkeypatch, fresh):
     runner, script = host
-    monkeypatch.setattr(runtime, "mask_overlay", _fail("injected fault: mask overlay"))
+    monkeypatch.setattr(ca_overlays, "mask_overlay", _fail("injected fault: mask overlay"))
     _, processed, error = attempt(script, runner, params=dict(show_masks=True))
     assert error is None
     assert len(processed.images) == 1  # the generated image; the failed overlays are not added
@@ -410,13 +415,13 @@ def _swap_at_hires(monkeypatch, model, sdxl=False):
 def test_model_swap_at_the_hires_pass(host, sd_model, model_b, spy, monkeypatch, fresh):
     runner, script = host
     used = []
-    real_install = runtime.FusionSession.install
+    real_install = ca_controller.FusionSession.install
 
     def install(self):
         used.append(self.unet)
         return real_install(self)
 
-    monkeypatch.setattr(runtime.FusionSession, "install", install)
+    monkeypatch.setattr(ca_controller.FusionSession, "install", install)
     _swap_at_hires(monkeypatch, model_b)
     try:
         _, processed, error = attempt(script, runner, enable_hr=True, hr_scale=2, hr_upscaler="Latent")

@@ -22,7 +22,11 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from charadapter.cache import BoundedCache
 from charadapter.params import Params, Region
-from webui_host import (CLIP_DIM, find_attn2_layers, ours, processing, runtime, shared, tiny_adapter)
+from charadapter.webui import caches as ca_caches
+from charadapter.webui import controller as ca_controller
+from charadapter.webui import reference_pass as ca_reference_pass
+from charadapter.webui import settings as ca_settings
+from webui_host import (CLIP_DIM, find_attn2_layers, ours, processing, shared, tiny_adapter)
 
 GENERATIONS = int(os.environ.get("SOAK_GENERATIONS", 50))
 WARM_UP = 10  # memory is measured from here: first-use allocations (caches, allocator arenas) are done
@@ -109,33 +113,29 @@ def soak_host(host, sd_model, monkeypatch):
         loads["encoder"].append(path)
         return _fake_encoder(path)
 
-    monkeypatch.setattr(runtime, "load_ip_adapter", load_adapter)
-    monkeypatch.setattr(runtime, "load_clip_vision", load_encoder)
+    monkeypatch.setattr(ca_reference_pass, "load_ip_adapter", load_adapter)
+    monkeypatch.setattr(ca_reference_pass, "load_clip_vision", load_encoder)
     monkeypatch.setattr(script.hooks.controller, "resolve_model", lambda kind, name: name)
-    runtime.ADAPTER_CACHE.clear()
-    runtime.ENCODER_CACHE.clear()
+    ca_caches.ADAPTER_CACHE.clear()
+    ca_caches.ENCODER_CACHE.clear()
     yield runner, script, loads
-    from charadapter.webui import models
-
-    shared.opts.data.pop(models.SETTING_SEGMENTATION_CACHE, None)
-    runtime.apply_cache_settings()  # every cache back to its default size
-    runtime.ADAPTER_CACHE.clear()
-    runtime.ENCODER_CACHE.clear()
+    shared.opts.data.pop(ca_settings.SETTING_SEGMENTATION_CACHE, None)
+    ca_settings.apply_cache_settings()  # every cache back to its default size
+    ca_caches.ADAPTER_CACHE.clear()
+    ca_caches.ENCODER_CACHE.clear()
 
 
 def test_fifty_generations_leave_nothing_and_stay_bounded(soak_host, sd_model):
     runner, script, loads = soak_host
-    from charadapter.webui import models
-
     unet = sd_model.model.diffusion_model
     controller = script.hooks.controller
     runs = []  # weak references to every Generation / FusionSession made
-    real_generation, real_fusion = runtime.Generation, runtime.FusionSession
+    real_generation, real_fusion = ca_controller.Generation, ca_controller.FusionSession
     memory = {}
     start = time.perf_counter()
     for i in range(GENERATIONS):
         if i == GENERATIONS // 2:  # the user lowers the segmentation cache in Settings mid-session
-            shared.opts.data[models.SETTING_SEGMENTATION_CACHE] = 4
+            shared.opts.data[ca_settings.SETTING_SEGMENTATION_CACHE] = 4
         txt2img, params = settings(i)
         p = processing.StableDiffusionProcessingTxt2Img(**txt2img)
         p.scripts = runner
@@ -143,12 +143,12 @@ def test_fifty_generations_leave_nothing_and_stay_bounded(soak_host, sd_model):
         full[script.args_from:script.args_to] = Params(**params).to_args()
         p.script_args = tuple(full)
         made = []
-        runtime.Generation = lambda *a, **k: _track(made, real_generation(*a, **k))
-        runtime.FusionSession = lambda *a, **k: _track(made, real_fusion(*a, **k))
+        ca_controller.Generation = lambda *a, **k: _track(made, real_generation(*a, **k))
+        ca_controller.FusionSession = lambda *a, **k: _track(made, real_fusion(*a, **k))
         try:
             processed = processing.process_images(p)
         finally:
-            runtime.Generation, runtime.FusionSession = real_generation, real_fusion
+            ca_controller.Generation, ca_controller.FusionSession = real_generation, real_fusion
         runs.extend(made)
 
         shown = len(processed.images) - txt2img["batch_size"]  # mask overlays, when asked for
@@ -157,7 +157,7 @@ def test_fifty_generations_leave_nothing_and_stay_bounded(soak_host, sd_model):
         assert "Character-Adapter" in processed.infotexts[0], f"generation {i} ran without the adapter"
         assert not p.comments or all("not found in the reference" in c for c in p.comments), p.comments
         assert ours(unet) == 0 and controller.generation is None, f"generation {i} left something behind"
-        for name, cache in vars(runtime).items():
+        for name, cache in vars(ca_caches).items():
             if isinstance(cache, BoundedCache):
                 assert len(cache) <= cache.capacity, f"generation {i}: {name} over its bound"
         del p, processed
@@ -175,7 +175,7 @@ def test_fifty_generations_leave_nothing_and_stay_bounded(soak_host, sd_model):
     gc.collect()
     assert len(runs) >= 2 * GENERATIONS and not [r for r in runs if r() is not None], "an earlier run is still alive"
     # the bounds were exercised, not just respected
-    assert runtime.SEGMENTATION_CACHE.capacity == 4 and len(runtime.SEGMENTATION_CACHE) == 4
+    assert ca_caches.SEGMENTATION_CACHE.capacity == 4 and len(ca_caches.SEGMENTATION_CACHE) == 4
     assert len(loads["adapter"]) > len(ADAPTERS) and len(loads["encoder"]) > len(ENCODERS)
     print(f"soak: {GENERATIONS} generations in {elapsed:.1f} s; RSS {memory[WARM_UP][0]:.0f} -> "
           f"{memory[GENERATIONS][0]:.0f} MB; tensors {count_10} -> {count_50}")

@@ -16,9 +16,15 @@ import torch
 from torch import nn
 
 from charadapter import hooks as hooks_module
+from charadapter import overlays as ca_overlays
+from charadapter import reference as core_reference
+from charadapter.errors import CharacterAdapterError
 from charadapter.fusion import COND, UNCOND
 from charadapter.layers import find_attn2_layers
-from webui_host import (args_for, errors, generate, make_sd_model, ours, pixels, plain, processing, runtime,
+from charadapter.webui import caches as ca_caches
+from charadapter.webui import reference_pass as ca_reference_pass
+from charadapter.webui import rows as ca_rows
+from webui_host import (args_for, errors, generate, make_sd_model, ours, pixels, plain, processing,
                         script_callbacks, sd_models, shared, start_host)
 from tiny_sd import TINY_CONTEXT_DIM
 
@@ -51,7 +57,7 @@ class Rows:
         self._corrections = (mark, count)
         self.calls.append(dict(
             context=kwargs["context"].detach().float().clone(), enabled=state.enabled,
-            rows=state.rows.tolist() if state.enabled else None, plan=fusion.plan,
+            rows=list(state.rows) if state.enabled else None, plan=fusion.plan,
             plan_rows=list(fusion._call_rows),  # FusionSession's match of this call's rows to the plan
             in_window=fusion.in_window, weights=float(state.weights.abs().sum()),
             maps=state.token_groups is not None, layout=fusion.masks is not None, corrected=corrected))
@@ -95,8 +101,9 @@ def expected_groups(sd_model, text):
 
 
 def check_rows(rec, sd_model, prompts, negatives):
-    """Every row of every recorded call: right token set, right image, right phrase positions
-    (a call whose rows cond_mark corrected was not in the plan: only its token sets count)."""
+    """Every row of every recorded call: right token set, right image, right phrase positions in
+    each image's first AND part and none in the others (a call whose rows cond_mark corrected was
+    not in the plan: only its token sets count)."""
     subprompts = {i: [s.strip() for s in p.split(" AND ")] for i, p in enumerate(prompts)}
     texts = {t for subs in subprompts.values() for t in subs} | set(negatives)
     known = embeddings(sd_model, texts)
@@ -115,7 +122,9 @@ def check_rows(rec, sd_model, prompts, negatives):
             else:
                 assert call["rows"][local] == COND and call["plan"].is_cond[row]
                 assert call["plan"].image[row] in images[text]
-                assert call["plan"].token_groups[row] == expected_groups(sd_model, text)
+                plan = call["plan"]
+                first_part = row == 0 or plan.image[row - 1] != plan.image[row]  # the layout reads AND part 1 only
+                assert plan.token_groups[row] == (expected_groups(sd_model, text) if first_part else ())
             checked += 1
     return checked
 
@@ -177,8 +186,8 @@ def test_batch_count_two_draws_the_layout_over_the_last_batch(host, sd_model, mo
     """The layout at postprocess is the last batch's: Show masks draws it over that batch's images."""
     runner, script = host
     drawn = []
-    original = runtime.mask_overlay
-    monkeypatch.setattr(runtime, "mask_overlay", lambda image, labels, **kw: drawn.append(image.copy()) or original(image, labels, **kw))
+    original = ca_overlays.mask_overlay
+    monkeypatch.setattr(ca_overlays, "mask_overlay", lambda image, labels, **kw: drawn.append(image.copy()) or original(image, labels, **kw))
     with recording(sd_model, script) as rec:
         p, processed = generate(script, runner, n_iter=2, steps=2, negative_prompt="blurry", params=dict(show_masks=True))
     assert len(processed.images) == 4  # 2 batches of 1, the reference overlay, one layout
@@ -325,30 +334,34 @@ def test_row_check_prefers_a_fresh_cond_mark_then_the_text_rows():
     from types import SimpleNamespace
 
     unet = MarkingUNet()
-    state = SimpleNamespace(enabled=True, rows=None, batch=2, token_groups=[(1,)])
-    check = runtime.RowCheck(unet, [SimpleNamespace(module=unet.attn2, name="attn2")], state).install()
+    state = SimpleNamespace(enabled=True, rows=None, batch=2, token_groups=[(1,)], planned=False)
+    check = ca_rows.RowCheck(unet, [SimpleNamespace(module=unet.attn2, name="attn2")], state).install()
     cond, uncond = torch.randn(2, 77, 8), torch.randn(2, 77, 8)
     context = torch.cat([cond[:1], uncond[1:]])  # the rows say: cond, uncond
     marked = torch.cat([torch.full((2, 1, 8), 1024.0), context], dim=1)
     x = torch.zeros(2, 4, 8)
     try:
         check.begin_step(cond, uncond)
-        state.rows = torch.tensor([COND, COND])
+        state.rows = (COND, COND)
         unet(x, context=marked, mark=torch.tensor([0.0, 1.0]))  # a fresh mark wins over the text rows
-        assert state.rows.tolist() == [UNCOND, COND] and state.token_groups is None and check.corrected_calls == 1
-        state.rows, state.token_groups = torch.tensor([COND, COND]), [(1,)]
+        assert list(state.rows) == [UNCOND, COND] and state.token_groups is None and check.corrected_calls == 1
+        state.rows, state.token_groups = (COND, COND), [(1,)]
         unet(x, context=context)  # the mark left from the last call is stale: the text rows decide
-        assert state.rows.tolist() == [COND, UNCOND] and check.corrected_calls == 2
+        assert list(state.rows) == [COND, UNCOND] and check.corrected_calls == 2
         unet(x, context=context)  # plan and rows agree: nothing to correct
         assert check.corrected_calls == 2
         unet.__dict__["_original_forward"] = None
-        state.rows = torch.tensor([COND, UNCOND])
+        state.rows = (COND, UNCOND)
         unet(x, context=context)  # fresh, but from unmarked rows (ControlNet's hires pass): all ones, ignored
-        assert unet.cond_mark.flatten().tolist() == [1.0, 1.0] and state.rows.tolist() == [COND, UNCOND]
+        assert unet.cond_mark.flatten().tolist() == [1.0, 1.0] and list(state.rows) == [COND, UNCOND]
         check.begin_step(cond, cond)  # prompt == negative: rows like both tell nothing
-        state.rows = torch.tensor([UNCOND, UNCOND])
+        state.rows = (UNCOND, UNCOND)
         unet(x, context=torch.cat([cond[:1], cond[1:]]))
-        assert state.rows.tolist() == [UNCOND, UNCOND] and check.corrected_calls == 2
+        assert list(state.rows) == [UNCOND, UNCOND] and check.corrected_calls == 2
+        check.begin_step(cond, uncond)
+        state.rows, state.planned = (UNCOND, UNCOND), True  # the step's whole batch in plan order: trusted,
+        unet(x, context=context)  # not read back (a device sync) even where the rows would disagree
+        assert list(state.rows) == [UNCOND, UNCOND] and check.corrected_calls == 2
     finally:
         check.remove()
     assert ours(unet) == 0
@@ -377,29 +390,43 @@ def hosted(sd_model, tmp_path, monkeypatch):
         next(started, None)
 
 
+def cpu_runs_under_autocast(dtype: torch.dtype) -> bool:
+    """Whether this torch autocasts the CPU to `dtype` and has its matmul (float16: not torch 2.1)."""
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            torch.nn.functional.linear(torch.ones(1, 2, dtype=dtype), torch.ones(1, 2, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_unet(tmp_path, monkeypatch, dtype):
-    """Our term follows the host's dtype: no dtype errors, attn2 outputs stay half, the image changes."""
+    """Our term follows the host's dtype: no dtype errors, attn2 outputs stay half and finite (the
+    mask maths runs in float32 even under the sampler's autocast), the image changes."""
     from modules import devices
 
+    if not cpu_runs_under_autocast(dtype):
+        pytest.skip(f"torch {torch.__version__} runs no {dtype} model on the CPU")
     model = make_sd_model()
     half_unet(model, dtype)
     for name in ("dtype", "dtype_unet", "dtype_inference"):
         monkeypatch.setattr(devices, name, dtype)
     deltas, outputs, handles = [], set(), []
-    original_delta = hooks_module.add_region_ip
+    original_term = hooks_module.add_region_term
 
-    def spy_delta(q, *args, **kwargs):
-        delta = original_delta(q, *args, **kwargs)
-        deltas.append((q.dtype, delta.dtype))
-        return delta
+    def spy_term(out, q, *args, **kwargs):
+        result = original_term(out, q, *args, **kwargs)
+        deltas.append((q.dtype, result.dtype))
+        return result
 
     def watch_outputs(params):  # registered after our hooks: sees what they returned
         if not handles:
             for layer in find_attn2_layers(model.model.diffusion_model):
-                handles.append(layer.module.register_forward_hook(lambda m, a, out: outputs.add(out.dtype)))
+                handles.append(layer.module.register_forward_hook(
+                    lambda m, a, out: outputs.add((out.dtype, bool(torch.isfinite(out).all())))))
 
-    monkeypatch.setattr(hooks_module, "add_region_ip", spy_delta)
+    monkeypatch.setattr(hooks_module, "add_region_term", spy_term)
     with hosted(model, tmp_path, monkeypatch) as (runner, script):
         before = plain(runner, script)
         script_callbacks.on_cfg_denoiser(watch_outputs)
@@ -410,7 +437,7 @@ def test_half_precision_unet(tmp_path, monkeypatch, dtype):
                 handle.remove()
         assert no_errors()
     assert deltas and set(deltas) == {(dtype, dtype)}
-    assert outputs == {dtype}
+    assert outputs == {(dtype, True)}
     assert changed(processed, before)
     assert ours(model.model.diffusion_model) == 0
 
@@ -501,26 +528,60 @@ def test_sdxl_calling_convention(tmp_path, monkeypatch):
     """Dict conds, attn2 with extra keyword arguments, the SDXL reference size and arch check."""
     model = make_sd_model()
     sizes = []
-    original_fit = runtime.fit_for_encoding
-    monkeypatch.setattr(runtime, "fit_for_encoding", lambda size, side, **kw: sizes.append(side) or original_fit(size, side, **kw))
+    original_size = core_reference.pass_size
+    monkeypatch.setattr(core_reference, "pass_size", lambda size, area, **kw: sizes.append(area) or original_size(size, area, **kw))
     with hosted(model, tmp_path, monkeypatch) as (runner, script):
         xl = sd_models.register_model(TinySDXL(model), arch="sdxl")  # the text encoder stays hijacked
-        monkeypatch.setitem(runtime.REFERENCE_SIDE, "sdxl", 64)
-        monkeypatch.setitem(runtime.REFERENCE_SIDE, "sd15", 128)
-        sd15 = runtime.ADAPTER_CACHE.get("tiny-adapter")
+        monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sdxl", 64 * 128)
+        monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sd15", 128 * 128)
+        sd15 = ca_caches.ADAPTER_CACHE.get("tiny-adapter")
         spec = dataclasses.replace(sd15.spec, arch="sdxl", variant="sdxl", encoder="ViT-bigG-14")
-        runtime.ADAPTER_CACHE.put("tiny-adapter", dataclasses.replace(sd15, spec=spec))
+        ca_caches.ADAPTER_CACHE.put("tiny-adapter", dataclasses.replace(sd15, spec=spec))
         before = plain(runner, script, negative_prompt="blurry")
         SgmCrossAttention.calls_with_extra_kwargs = 0
         with recording(xl, script) as rec:
             p, processed = generate(script, runner, negative_prompt="blurry")
         assert no_errors() and SgmCrossAttention.calls_with_extra_kwargs > 0
-        assert sizes == [64]
+        assert sizes == [64 * 128]
         prompt = "a face, upper body, lower body, standing"
         assert check_rows(rec, xl, [prompt], ["blurry"]) == 4
         assert changed(processed, before)
         assert ours(xl.model.diffusion_model) == 0
-        runtime.ADAPTER_CACHE.put("tiny-adapter", sd15)
-        runtime.SEGMENTATION_CACHE.clear()
-        with pytest.raises(runtime.CharacterAdapterError, match="SD15 adapter but the loaded checkpoint is SDXL"):
+        ca_caches.ADAPTER_CACHE.put("tiny-adapter", sd15)
+        ca_caches.SEGMENTATION_CACHE.clear()
+        with pytest.raises(CharacterAdapterError, match="SD15 adapter but the loaded checkpoint is SDXL"):
             generate(script, runner)
+
+
+def test_sdxl_locates_regions_the_prompt_does_not_name(tmp_path, monkeypatch):
+    """SDXL's dict conditioning: the phrase rows come from "crossattn" (both encoders' channels)."""
+    from charadapter import fusion as ca_fusion
+    from charadapter.webui import prompts as ca_prompts
+
+    model = make_sd_model()
+    seen = []
+    original_remove = ca_fusion.FusionSession.remove
+    monkeypatch.setattr(ca_fusion.FusionSession, "remove",
+                        lambda self: seen.append((self.masks, self.state.bank)) or original_remove(self))
+    with hosted(model, tmp_path, monkeypatch) as (runner, script):
+        xl = sd_models.register_model(TinySDXL(model), arch="sdxl")
+        monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sdxl", 64 * 128)
+        sd15 = ca_caches.ADAPTER_CACHE.get("tiny-adapter")
+        spec = dataclasses.replace(sd15.spec, arch="sdxl", variant="sdxl", encoder="ViT-bigG-14")
+        ca_caches.ADAPTER_CACHE.put("tiny-adapter", dataclasses.replace(sd15, spec=spec))
+        prompt = "a knight riding a horse at dusk"
+        before = plain(runner, script, prompt=prompt)
+        p, processed = generate(script, runner, prompt=prompt, steps=3)
+        assert no_errors()
+        assert p.extra_generation_params["Character-Adapter located"] == (
+            "face: from the phrase, upper body: from the phrase, lower body: from the phrase")
+        (masks, bank), = seen
+        with torch.no_grad():
+            upper = xl.get_learned_conditioning(["upper body"])["crossattn"][0]  # (77, C)
+        assert torch.equal(bank[1:3], upper[1:3].float())  # face is one token, then upper body's two
+        regions = masks[:, 1:]
+        assert ((regions.amax(dim=2) - regions.amin(dim=2)) > 0.3).all()
+        assert changed(processed, before)
+        assert ours(xl.model.diffusion_model) == 0
+        ca_caches.ADAPTER_CACHE.put("tiny-adapter", sd15)
+        assert ca_prompts.phrase_token_count(xl, "face") == 1

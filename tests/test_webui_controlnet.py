@@ -17,7 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from webui_host import generate, ours, pixels, plain, reference_image, runtime  # sets sys.path
+from webui_host import generate, ours, pixels, plain, reference_image  # sets sys.path
+from charadapter.webui import caches as ca_caches
 from charadapter.images import load_image
 from charadapter.adapter import RegionEncoder
 from charadapter.layers import find_attn2_layers
@@ -92,8 +93,8 @@ def ip_adapter_term(unet, weight=0.8):
     are picked by unet.cond_mark (1 = cond: the image tokens, 0 = uncond: the negative tokens),
     as ControlNet's ImageEmbed.eval does.
     """
-    weights = runtime.ADAPTER_CACHE.get("tiny-adapter")
-    tokens = RegionEncoder(weights, runtime.ENCODER_CACHE.get("tiny-encoder")).encode([load_image(reference_image())])
+    weights = ca_caches.ADAPTER_CACHE.get("tiny-adapter")
+    tokens = RegionEncoder(weights, ca_caches.ENCODER_CACHE.get("tiny-encoder")).encode([load_image(reference_image())])
     kv = {layer.module: weights.layers[layer.index] for layer in find_attn2_layers(unet)}
 
     def term(attn, x, q):  # q: (B, heads, N, d)

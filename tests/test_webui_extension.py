@@ -3,8 +3,11 @@
 import pytest
 import torch
 
+from charadapter.errors import CharacterAdapterError
 from charadapter.params import Region
-from webui_host import errors, generate, ours, pixels, plain, runtime
+from charadapter.webui import caches as ca_caches
+from charadapter.webui import reference_pass as ca_reference_pass
+from webui_host import errors, generate, ours, pixels, plain
 
 
 def test_adapter_changes_the_image_and_leaves_nothing(host, sd_model):
@@ -49,8 +52,8 @@ def test_global_region_and_hard_mode(host):
 def test_error_stops_generation_instead_of_silently_skipping(host, sd_model, monkeypatch):
     runner, script = host
     monkeypatch.setattr(script.hooks.controller, "resolve_model",
-                        lambda kind, name: (_ for _ in ()).throw(runtime.CharacterAdapterError("no such model")))
-    with pytest.raises(runtime.CharacterAdapterError, match="no such model"):
+                        lambda kind, name: (_ for _ in ()).throw(CharacterAdapterError("no such model")))
+    with pytest.raises(CharacterAdapterError, match="no such model"):
         generate(script, runner)
     # the host skips postprocess after a crash: the guard on the CFG denoiser removed the error hook
     assert ours(sd_model.model.diffusion_model) == 0
@@ -67,15 +70,15 @@ def test_adapter_sweep_segments_the_reference_once(host, sd_model, monkeypatch):
 
     runner, script = host
     second = tiny_adapter(find_attn2_layers(sd_model.model.diffusion_model), seed=11)
-    runtime.ADAPTER_CACHE.put("tiny-adapter-2", second)
+    ca_caches.ADAPTER_CACHE.put("tiny-adapter-2", second)
     paths = {"tiny-adapter": "tiny-adapter", "second": "tiny-adapter-2"}
     monkeypatch.setattr(script.hooks.controller, "resolve_model",
                         lambda kind, name: paths[name] if kind == "adapter" else "tiny-encoder")
     passes = []
-    segment = runtime._segment
-    monkeypatch.setattr(runtime, "_segment", lambda *a, **k: passes.append(1) or segment(*a, **k))
+    segment = ca_reference_pass.segment
+    monkeypatch.setattr(ca_reference_pass, "segment", lambda *a, **k: passes.append(1) or segment(*a, **k))
     _, first = generate(script, runner)
     _, other = generate(script, runner, params=dict(model="second"))
     assert len(passes) == 1
-    assert len(runtime.REFERENCE_CACHE) == 2
+    assert len(ca_caches.REFERENCE_CACHE) == 2
     assert not torch.equal(pixels(first), pixels(other))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from webui_host import (args_for, errors, ours, pixels, processing, runtime, scripts, start_host)
+from charadapter.webui import caches as ca_caches
+from webui_host import (args_for, errors, ours, pixels, processing, scripts, start_host)
 
 PROMPT = "a face, upper body, lower body, standing"
 
@@ -94,7 +95,9 @@ def test_inpainting_changes_only_the_masked_area(img2img_tab, sd_model, only_mas
     # show masks: the reference, then the layout over the result; "only masked" sampled a crop,
     # and its layout is drawn over that crop only
     assert len(processed.images) == 3
-    layout = difference(processed.images[2], processed.images[0])
+    result = processed.images[0]
+    # the layout picture: the result tinted, over a legend strip (how each region was located)
+    layout = difference(processed.images[2].crop((0, 0, result.width, result.height)), result)
     if only_masked:
         x, y, w, h = p.paste_to
         assert (x, y, x + w, y + h) == box
@@ -163,5 +166,5 @@ def test_inpainting_model(tmp_path, monkeypatch):
         assert sampling.shape[1] == 9 and 0 < float(sampling[:, 4].mean()) < 1  # the inpainting mask
         assert (pixels(processed) - pixels(before)).abs().max() > 0
         assert ours(unet) == 0
-        runtime.SEGMENTATION_CACHE.clear()
-        runtime.REFERENCE_CACHE.clear()
+        ca_caches.SEGMENTATION_CACHE.clear()
+        ca_caches.REFERENCE_CACHE.clear()

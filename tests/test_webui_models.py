@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from charadapter.params import Params
-from charadapter.webui import models
+from charadapter.webui import caches as ca_caches, models, reference_pass as ca_reference_pass, settings as ca_settings
 from charadapter.webui.models import VIT_BIGG, VIT_H
 
 DOUBLE = os.path.join(os.path.dirname(__file__), "webui_double")
@@ -318,7 +318,7 @@ def test_webui_folders_from_the_host(tree, monkeypatch, fresh_cache, tmp_path):
     extra = tmp_path / "extra"
     extra.mkdir()
     old = paths.data_path
-    monkeypatch.setitem(shared.opts.data, models.SETTING_EXTRA_FOLDERS, f"{extra};{tmp_path / 'nope'}")
+    monkeypatch.setitem(shared.opts.data, ca_settings.SETTING_EXTRA_FOLDERS, f"{extra};{tmp_path / 'nope'}")
     monkeypatch.setattr(models, "EXTENSION_DIR", tree["ext"])
     try:
         paths.set_data_path(tree["root"])
@@ -333,19 +333,17 @@ def test_add_settings_registers_the_section_and_resizes_the_caches(monkeypatch):
     monkeypatch.syspath_prepend(DOUBLE)
     from modules import shared
 
-    from charadapter.webui import runtime
-
-    keys = (models.SETTING_EXTRA_FOLDERS, models.SETTING_SEGMENTATION_CACHE, models.SETTING_ADAPTERS_LOADED)
-    monkeypatch.setattr(runtime.SEGMENTATION_CACHE, "capacity", runtime.SEGMENTATION_CACHE.capacity)
-    monkeypatch.setattr(runtime.ADAPTER_CACHE, "capacity", runtime.ADAPTER_CACHE.capacity)
+    keys = (ca_settings.SETTING_EXTRA_FOLDERS, ca_settings.SETTING_SEGMENTATION_CACHE, ca_settings.SETTING_ADAPTERS_LOADED)
+    monkeypatch.setattr(ca_caches.SEGMENTATION_CACHE, "capacity", ca_caches.SEGMENTATION_CACHE.capacity)
+    monkeypatch.setattr(ca_caches.ADAPTER_CACHE, "capacity", ca_caches.ADAPTER_CACHE.capacity)
     try:
-        models.add_settings()
+        ca_settings.add_settings()
         infos = [shared.opts.data_labels[key] for key in keys]
-        assert [info.default for info in infos] == ["", models.DEFAULT_SEGMENTATION_CACHE, models.DEFAULT_ADAPTERS_LOADED]
-        assert {info.section for info in infos} == {models.SETTINGS_SECTION}
+        assert [info.default for info in infos] == ["", ca_caches.DEFAULT_SEGMENTATION_CACHE, ca_caches.DEFAULT_ADAPTERS_LOADED]
+        assert {info.section for info in infos} == {ca_settings.SETTINGS_SECTION}
         # Settings -> Apply runs each changed option's onchange (modules/options.py (Options.set))
-        assert shared.opts.set(models.SETTING_SEGMENTATION_CACHE, 3) and runtime.SEGMENTATION_CACHE.capacity == 3
-        assert shared.opts.set(models.SETTING_ADAPTERS_LOADED, 0.0) and runtime.ADAPTER_CACHE.capacity == 0
+        assert shared.opts.set(ca_settings.SETTING_SEGMENTATION_CACHE, 3) and ca_caches.SEGMENTATION_CACHE.capacity == 3
+        assert shared.opts.set(ca_settings.SETTING_ADAPTERS_LOADED, 0.0) and ca_caches.ADAPTER_CACHE.capacity == 0
     finally:
         for key in keys:
             shared.opts.data_labels.pop(key, None)
@@ -353,12 +351,12 @@ def test_add_settings_registers_the_section_and_resizes_the_caches(monkeypatch):
 
 
 def test_cache_size_reads_what_settings_hold():
-    assert models.cache_size(4, 16) == 4 and models.cache_size("5", 16) == 5 and models.cache_size(2.0, 16) == 2
-    assert models.cache_size(-3, 16) == 0 and models.cache_size(10 ** 6, 16) == models.MAX_CACHE_SIZE
-    assert models.cache_size(None, 16) == 16 and models.cache_size("many", 2) == 2
+    assert ca_caches.cache_size(4, 16) == 4 and ca_caches.cache_size("5", 16) == 5 and ca_caches.cache_size(2.0, 16) == 2
+    assert ca_caches.cache_size(-3, 16) == 0 and ca_caches.cache_size(10 ** 6, 16) == ca_caches.MAX_CACHE_SIZE
+    assert ca_caches.cache_size(None, 16) == 16 and ca_caches.cache_size("many", 2) == 2
 
 
-# ---------------------------------------------------------------- the runtime's use of them (host double)
+# ---------------------------------------------------------------- the extension's use of them (host double)
 
 
 def prepare(script, **params):
@@ -378,23 +376,21 @@ def prepare(script, **params):
 def test_runtime_caches_follow_the_settings(host, monkeypatch):
     from modules import shared
 
-    from charadapter.webui import runtime
-
     runner, script = host
-    monkeypatch.setattr(runtime.SEGMENTATION_CACHE, "capacity", runtime.SEGMENTATION_CACHE.capacity)
-    monkeypatch.setattr(runtime.ADAPTER_CACHE, "capacity", runtime.ADAPTER_CACHE.capacity)
+    monkeypatch.setattr(ca_caches.SEGMENTATION_CACHE, "capacity", ca_caches.SEGMENTATION_CACHE.capacity)
+    monkeypatch.setattr(ca_caches.ADAPTER_CACHE, "capacity", ca_caches.ADAPTER_CACHE.capacity)
     segmented = []
-    original = runtime._segment
-    monkeypatch.setattr(runtime, "_segment", lambda *args: segmented.append(1) or original(*args))
-    shared.opts.data[models.SETTING_SEGMENTATION_CACHE] = 0  # config.json values are in opts.data from the start
+    original = ca_reference_pass.segment
+    monkeypatch.setattr(ca_reference_pass, "segment", lambda *args: segmented.append(1) or original(*args))
+    shared.opts.data[ca_settings.SETTING_SEGMENTATION_CACHE] = 0  # config.json values are in opts.data from the start
     prepare(script)
     prepare(script)
-    assert len(segmented) == 2 and runtime.SEGMENTATION_CACHE.capacity == 0
-    shared.opts.data[models.SETTING_SEGMENTATION_CACHE] = 4
-    shared.opts.data[models.SETTING_ADAPTERS_LOADED] = 1
+    assert len(segmented) == 2 and ca_caches.SEGMENTATION_CACHE.capacity == 0
+    shared.opts.data[ca_settings.SETTING_SEGMENTATION_CACHE] = 4
+    shared.opts.data[ca_settings.SETTING_ADAPTERS_LOADED] = 1
     prepare(script)
     prepare(script)
-    assert len(segmented) == 3 and runtime.SEGMENTATION_CACHE.capacity == 4 and runtime.ADAPTER_CACHE.capacity == 1
+    assert len(segmented) == 3 and ca_caches.SEGMENTATION_CACHE.capacity == 4 and ca_caches.ADAPTER_CACHE.capacity == 1
 
 
 @pytest.mark.parametrize("flag, back_to_cpu", [
@@ -405,14 +401,12 @@ def test_low_vram_modes_send_the_image_encoder_back_to_the_cpu(host, sd_model, m
     GPU here, so a spy on the encoder's .to records the moves. --medvram-sdxl is for SDXL only."""
     from modules import devices, shared
 
-    from charadapter.webui import runtime
-
     runner, script = host
     if flag == "sd_model.lowvram":  # what lowvram.setup_for_low_vram sets, whichever flag asked for it
         monkeypatch.setattr(sd_model, "lowvram", True)
     elif flag:
         monkeypatch.setattr(shared.cmd_opts, flag, True)
-    clip = runtime.ENCODER_CACHE.get("tiny-encoder")
+    clip = ca_caches.ENCODER_CACHE.get("tiny-encoder")
     moves = []
     monkeypatch.setattr(clip, "to", lambda *args, **kwargs: moves.append(args[0]) or clip)
     prepare(script)
@@ -423,13 +417,11 @@ def test_status_text_while_the_reference_is_prepared(host, monkeypatch):
     """shared.state.textinfo is what the progress bar shows (modules/progress.py (progressapi))."""
     from modules import shared
 
-    from charadapter.webui import runtime
-
     runner, script = host
     seen = []
-    segment, encode = runtime._segment, runtime.RegionEncoder.encode
-    monkeypatch.setattr(runtime, "_segment", lambda *args: seen.append(shared.state.textinfo) or segment(*args))
-    monkeypatch.setattr(runtime.RegionEncoder, "encode",
+    segment, encode = ca_reference_pass.segment, ca_reference_pass.RegionEncoder.encode
+    monkeypatch.setattr(ca_reference_pass, "segment", lambda *args: seen.append(shared.state.textinfo) or segment(*args))
+    monkeypatch.setattr(ca_reference_pass.RegionEncoder, "encode",
                         lambda self, *args: seen.append(shared.state.textinfo) or encode(self, *args))
     shared.state.textinfo = "Batch 1 out of 2"
     prepare(script)

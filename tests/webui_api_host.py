@@ -11,7 +11,8 @@ import threading
 
 from safetensors.torch import save_file
 
-from webui_host import runtime, tiny_adapter, tiny_clip  # noqa: F401  (sys.path set up by webui_host)
+from webui_host import tiny_adapter, tiny_clip  # noqa: F401  (sys.path set up by webui_host)
+from charadapter.webui import caches as ca_caches
 from charadapter.layers import find_attn2_layers
 from charadapter.webui import models, script as script_module
 from modules import paths, script_callbacks, shared
@@ -24,7 +25,7 @@ def install_listed_models(script, monkeypatch):
     """Put a tiny IP-Adapter file and CLIP folder where the WebUI's models live; use the real lookup.
 
     The files are scanned like users' files (models.scan); their loaded weights are put in the
-    runtime caches under the scanned paths, so generation does not depend on the loaders (tested
+    extension's caches under the scanned paths, so generation does not depend on the loaders (tested
     elsewhere on real layouts). Returns the listing.
     """
     unet = shared.sd_model.model.diffusion_model
@@ -39,8 +40,8 @@ def install_listed_models(script, monkeypatch):
     encoder_path = os.path.join(paths.models_path, "clip_vision", ENCODER_NAME)
     clip = tiny_clip()
     clip.save_pretrained(encoder_path, safe_serialization=True)
-    runtime.ADAPTER_CACHE.put(adapter_path, weights)
-    runtime.ENCODER_CACHE.put(encoder_path, clip)
+    ca_caches.ADAPTER_CACHE.put(adapter_path, weights)
+    ca_caches.ENCODER_CACHE.put(encoder_path, clip)
     monkeypatch.setattr(models, "_cached", None)
     monkeypatch.setattr(script.hooks.controller, "resolve_model", script_module.resolve_model)
     listing = models.refresh()

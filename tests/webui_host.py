@@ -1,7 +1,7 @@
 """Drive the extension in the WebUI test double on a real tiny ldm LatentDiffusion (shared by tests).
 
 Adapter and encoder weights are tiny and random (the loaders are tested on real layouts in
-test_checkpoint / test_clip_vision); here they are put in the runtime's caches so that the
+test_checkpoint / test_clip_vision); here they are put in the extension's caches so that the
 host flow runs: process -> reference segmentation with the loaded model -> region tokens ->
 hooks at every sampling start -> CFG rows per step -> postprocess removes everything.
 """
@@ -22,7 +22,7 @@ from modules import errors, paths, processing, script_callbacks, scripts, sd_mod
 from charadapter.checkpoint import AdapterSpec, IPAdapterWeights  # noqa: E402
 from charadapter.layers import find_attn2_layers  # noqa: E402
 from charadapter.params import Params  # noqa: E402
-from charadapter.webui import runtime  # noqa: E402
+from charadapter.webui import caches as ca_caches, reference_pass as ca_reference_pass  # noqa: E402
 from tiny_sd import TINY_CONTEXT_DIM, make_tiny_sd  # noqa: E402
 
 CLIP_DIM = 16
@@ -44,15 +44,15 @@ def start_host(sd_model, tmp_path, monkeypatch):
     runner.build_ui(is_img2img=False)
     (script,) = [s for s in runner.alwayson_scripts if s.title() == "Character-Adapter"]
     weights = tiny_adapter(find_attn2_layers(sd_model.model.diffusion_model))
-    runtime.ADAPTER_CACHE.put("tiny-adapter", weights)
-    runtime.ENCODER_CACHE.put("tiny-encoder", tiny_clip())
+    ca_caches.ADAPTER_CACHE.put("tiny-adapter", weights)
+    ca_caches.ENCODER_CACHE.put("tiny-encoder", tiny_clip())
     resolved = {"adapter": "tiny-adapter", "encoder": "tiny-encoder"}
     monkeypatch.setattr(script.hooks.controller, "resolve_model", lambda kind, name: resolved[kind])
-    monkeypatch.setitem(runtime.REFERENCE_SIDE, "sd15", 64)  # the tiny model: keep the pass cheap
+    monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sd15", 64 * 128)  # the tiny model: 64x128 px for the 64x96 reference
     yield runner, script
     script_callbacks.clear_callbacks()
-    runtime.SEGMENTATION_CACHE.clear()
-    runtime.REFERENCE_CACHE.clear()
+    ca_caches.SEGMENTATION_CACHE.clear()
+    ca_caches.REFERENCE_CACHE.clear()
 
 
 def tiny_adapter(layers, seed=4):

@@ -19,7 +19,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from charadapter.fusion import FusionConfig, FusionSession
-from charadapter.segmentation import PALETTE, region_crops
+from charadapter.overlays import PALETTE
+from charadapter.segmentation import region_crops
 
 from . import data
 from .evaluate import sample_images

@@ -12,8 +12,8 @@ Users pick models by the names listed here. Looking a name up in a listing is th
 user input becomes a path: text from the UI, the API or an infotext is never joined into a
 path. Listed names never contain a path separator and never start with a dot.
 
-Everything but `webui_folders`, `add_settings`, `listing`, `refresh` and the `resolve_*`
-helpers takes plain paths, so it runs without the WebUI.
+Everything but `webui_folders`, `listing`, `refresh` and the `resolve_*` helpers takes plain
+paths, so it runs without the WebUI.
 """
 
 import json
@@ -24,6 +24,8 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+from .settings import SETTING_EXTRA_FOLDERS
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +53,6 @@ MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 MAX_CONFIG_BYTES = 1_000_000
 RESERVED_ENCODER_NAMES = ("auto",)  # the encoder dropdown's "Auto" entry
 
-SETTING_EXTRA_FOLDERS = "character_adapter_model_folders"
-SETTING_SEGMENTATION_CACHE = "character_adapter_segmentation_cache"
-SETTING_ADAPTERS_LOADED = "character_adapter_adapters_loaded"
-DEFAULT_SEGMENTATION_CACHE = 16  # segmented references (a few MB each: masks and region tokens)
-DEFAULT_ADAPTERS_LOADED = 2  # IP-Adapter weights in memory (SD1.5 ~ 40 MB to SDXL plus ~ 850 MB)
-MAX_CACHE_SIZE = 256
-SETTINGS_SECTION = ("character_adapter", "Character-Adapter")
 EXTENSION_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _ENCODER_FILE = re.compile(r"clip.*vision|image_encoder|^clip-vit-(h|bigg)-14")
@@ -451,7 +446,7 @@ def pick_encoder(adapter_spec_encoder: str, encoders: Mapping[str, str]) -> Opti
     return None
 
 
-# ---------------------------------------------------------------- the WebUI's folders and cache
+# ---------------------------------------------------------------- the WebUI's folders and the listing
 
 
 def webui_folders() -> List[str]:
@@ -464,39 +459,6 @@ def webui_folders() -> List[str]:
     extra = controlnet_setting_folders(settings, shared.cmd_opts, paths.data_path)
     extra += parse_folder_list(settings.get(SETTING_EXTRA_FOLDERS, ""))
     return candidate_folders(paths.models_path, EXTENSION_DIR, cn_dirs, extra)
-
-
-def cache_size(value: Any, default: int) -> int:
-    """A cache size from Settings (a number, maybe as text or float); `default` when unusable."""
-    try:
-        size = int(float(value))
-    except (TypeError, ValueError):
-        return default
-    return min(max(size, 0), MAX_CACHE_SIZE)
-
-
-def _apply_cache_settings() -> None:
-    from . import runtime  # torch and the algorithm: only once the WebUI changes a setting
-
-    runtime.apply_cache_settings()
-
-
-def add_settings() -> None:
-    """Register the Settings section; call from script_callbacks.on_ui_settings."""
-    import gradio as gr
-    from modules import shared
-
-    shared.opts.add_option(SETTING_EXTRA_FOLDERS, shared.OptionInfo(
-        "", "Extra folders with IP-Adapter and CLIP image encoder files (one per line or ';'-separated; "
-        "press 🔄 next to the model list after changing)", section=SETTINGS_SECTION))
-    shared.opts.add_option(SETTING_SEGMENTATION_CACHE, shared.OptionInfo(
-        DEFAULT_SEGMENTATION_CACHE, "Reference segmentations kept in memory (0 = segment every generation)",
-        gr.Slider, {"minimum": 0, "maximum": 64, "step": 1}, onchange=_apply_cache_settings,
-        section=SETTINGS_SECTION))
-    shared.opts.add_option(SETTING_ADAPTERS_LOADED, shared.OptionInfo(
-        DEFAULT_ADAPTERS_LOADED, "IP-Adapter models kept loaded (0 = load from disk every generation)",
-        gr.Slider, {"minimum": 0, "maximum": 8, "step": 1}, onchange=_apply_cache_settings,
-        section=SETTINGS_SECTION))
 
 
 _lock = threading.RLock()

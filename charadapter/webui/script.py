@@ -4,9 +4,9 @@ from typing import Any, List
 
 from modules import script_callbacks
 
-from ..errors import CharacterAdapterError
-from . import api, models, ui, xyz
-from .runtime import Controller
+from ..errors import InputError
+from . import api, models, settings, ui, xyz
+from .controller import Controller
 
 TITLE = "Character-Adapter"
 
@@ -16,7 +16,7 @@ def resolve_model(kind: str, name: str) -> str:
     if kind == "adapter":
         path = models.resolve_adapter(name)
         if path is None:
-            raise CharacterAdapterError(
+            raise InputError(
                 f"Character-Adapter: model: {name!r} is not an IP-Adapter in the list "
                 f"({len(models.listing().adapters)} found); put the file in models/ and press 🔄")
         return path
@@ -25,12 +25,12 @@ def resolve_model(kind: str, name: str) -> str:
         listing = models.listing()
         picked = models.pick_encoder(wanted, listing.encoders)
         if picked is None:
-            raise CharacterAdapterError(
+            raise InputError(
                 f"Character-Adapter: encoder: no {wanted} CLIP image encoder found; see models/README.md")
         return listing.encoders[picked]
     path = models.resolve_encoder(name)
     if path is None:
-        raise CharacterAdapterError(f"Character-Adapter: encoder: {name!r} is not an image encoder in the list")
+        raise InputError(f"Character-Adapter: encoder: {name!r} is not an image encoder in the list")
     return path
 
 
@@ -65,7 +65,7 @@ def register_callbacks() -> None:
     load_scripts) but this package stays imported, so registering at its import would be lost
     on "Reload UI". Each callback is removed first, so a second call adds no duplicate.
     """
-    for register, callback in ((script_callbacks.on_ui_settings, models.add_settings),
+    for register, callback in ((script_callbacks.on_ui_settings, settings.add_settings),
                                (script_callbacks.on_app_started, api.on_app_started),
                                (script_callbacks.on_before_ui, xyz.add_axes)):
         script_callbacks.remove_callbacks_for_function(callback)

@@ -14,7 +14,9 @@ Controller.process reads them back with `cell_overrides(p)`. Nothing is written 
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..errors import InputError
 from ..params import FUSION_MODES, RANGES, ParamError, Params, _as_choice, _as_float, _as_int, _as_name
+from . import refusal
 
 log = logging.getLogger("character_adapter")
 
@@ -34,9 +36,12 @@ def parse_region_weights(text: Any) -> Tuple[float, ...]:
         parts = list(text)
     else:
         parts = str(text).replace(",", " ").replace(";", " ").split()
-    if not parts:
-        raise ParamError("region weights", "empty cell; expected one weight per region, e.g. 1 0.5 0")
-    return tuple(_as_float("region weights", part, *RANGES["region_weight"]) for part in parts)
+    try:
+        if not parts:
+            raise ParamError("region weights", "empty cell; expected one weight per region, e.g. 1 0.5 0")
+        return tuple(_as_float("region weights", part, *RANGES["region_weight"]) for part in parts)
+    except InputError as err:  # the grid's type conversion: the caller's value
+        raise refusal.refuse(str(err)) from None
 
 
 def format_region_weights(p, opt, x) -> str:
@@ -59,11 +64,14 @@ def _confirm(setting: str, check: Callable[[Any], Any]) -> Callable[[Any, Sequen
     def confirm(p, xs):
         panel = _panel_params(p)
         if panel is not None and not panel.enabled:
-            raise RuntimeError(f"{TITLE}: the Character-Adapter panel is off; tick it to sweep its settings")
-        for x in xs:
-            check(x)
-            if panel is not None and setting == "region_weights":
-                panel.with_overrides({setting: x})  # one weight per region of the panel
+            raise refusal.refuse(f"{TITLE}: the Character-Adapter panel is off; tick it to sweep its settings")
+        try:
+            for x in xs:
+                check(x)
+                if panel is not None and setting == "region_weights":
+                    panel.with_overrides({setting: x})  # one weight per region of the panel
+        except InputError as err:  # the grid stops before its first cell: the caller's value
+            raise refusal.refuse(str(err)) from None
 
     return confirm
 

@@ -1,11 +1,21 @@
 """Drive a running WebUI (tools/real_webui/start_webui.sh) through its HTTP API, the way a user
-would, and report per case: HTTP status, images returned, whether the infotext carries
-"Character-Adapter", the error text. Results (JSON without the image data, PNGs) go to --out.
+would, and report per case: HTTP status (flagged when it is not the expected one: 422 for a
+refused input, 500 for a failure, else 200), images returned, whether the infotext carries
+"Character-Adapter", how the regions were located (flagged where EXPECT_LOCATED says what to
+expect), the error text, and what the request added to the WebUI's log (--log): lines naming us,
+a traceback. Results (JSON without the image data, PNGs) go to --out.
 
-    python api_checks.py [--url http://127.0.0.1:7861] [--out DIR] [case ...]   # no case = all
+    python api_checks.py [--url http://127.0.0.1:7861] [--out DIR] [case|pattern ...]
+    python api_checks.py --list
+
+No case = every case for the loaded checkpoint's family; a pattern is a shell glob ("xyz_*").
+Cases named sdxl_* need the WebUI started with CKPT=random-sdxl.safetensors, the others the
+SD1.5 checkpoint; a case for the other family is skipped with a note. *_128 cases are the
+memory baseline's requests (128x128, 3 Euler steps: memory_check.py).
 """
 import argparse
 import base64
+import fnmatch
 import io
 import json
 import os
@@ -22,9 +32,12 @@ from charadapter.params import ARG_NAMES  # noqa: E402
 TITLE = "Character-Adapter"
 ADAPTER = "ip-adapter_sd15.safetensors"
 ADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"
+SDXL_VITH = "ip-adapter_sdxl_vit-h.safetensors"  # ViT-H encoder (clip_vision/image_encoder)
+SDXL_BIGG = "ip-adapter_sdxl.safetensors"  # ViT-bigG encoder (clip_vision/sdxl_models/image_encoder)
 PROMPT = "a girl, face, red jacket on the upper body, blue jeans on the lower body"
 TINY = dict(prompt=PROMPT, negative_prompt="blurry", width=64, height=64, steps=2, sampler_name="Euler",
             cfg_scale=5, seed=1234, batch_size=1, n_iter=1)
+SIZE128 = dict(width=128, height=128, steps=3)  # the memory baseline's request
 
 
 def reference_png(width=192, height=320) -> str:
@@ -40,6 +53,8 @@ def reference_png(width=192, height=320) -> str:
 
 
 REF = reference_png()
+REF_SQUARE = reference_png(256, 256)
+REF_TALL = reference_png(256, 512)
 
 
 def unit(**kw):
@@ -113,6 +128,13 @@ def with_controlnet(route_payload, units):
     return route, payload
 
 
+# the status each case should answer (200 when not listed): 422 = a refused input, the caller's
+# mistake (one plain log line, no traceback); 500 = a failure that is not (with its traceback)
+EXPECTED_STATUS = dict.fromkeys(("xyz_panel_off", "xyz_bad_value", "bad_model", "bad_weight", "no_image", "bad_key",
+                                 "path_as_image", "sdxl_wrong_family"), 422)
+EXPECTED_STATUS["bin_newtorch"] = 500  # the server's own file cannot be read: not the caller's fault
+
+
 CASES = {
     "plain": lambda: txt2img(),
     "dict": lambda: txt2img([unit()]),
@@ -120,6 +142,8 @@ CASES = {
                                                     {"reference_phrase": "upper body", "phrase": "red jacket"},
                                                     {"reference_phrase": "lower body", "phrase": "blue jeans"}])]),
     "dict_global": lambda: txt2img([unit(regions=[])]),
+    # no region phrase in the prompt: every region located from its phrase (expect "from the phrase")
+    "no_region_phrase": lambda: txt2img([unit(show_masks=True)], prompt="a knight riding a horse at dusk"),
     "dict_plus_hard_box": lambda: txt2img([unit(model=ADAPTER_PLUS, fusion="hard", crop="box")]),
     "dict_auto_encoder": lambda: txt2img([unit(encoder="Auto")]),
     "dict_named_encoder": lambda: txt2img([unit(encoder="image_encoder")]),
@@ -156,6 +180,35 @@ CASES = {
     "no_image": lambda: txt2img([unit(image=None)]),
     "bad_key": lambda: txt2img([unit(wieght=0.5)]),
     "path_as_image": lambda: txt2img([unit(image="/etc/hostname")]),
+    "plain_128": lambda: txt2img(**SIZE128),
+    "regions_128": lambda: txt2img([unit()], **SIZE128),  # 3 regions, 192x320 reference (512x853 pass)
+    # SDXL (reference pass at short side 1024: a 256x256 reference is one UNet pass at 1024x1024)
+    "sdxl_plain": lambda: txt2img(),
+    "sdxl_plain_128": lambda: txt2img(**SIZE128),
+    "sdxl_square_128": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE)], **SIZE128),
+    "sdxl_square": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE)]),
+    # + the ViT-bigG encoder (1.8 G parameters, 7.4 GB in fp32) on top: also only under a cap
+    "sdxl_square_bigg_capped": lambda: txt2img([unit(model=SDXL_BIGG, image=REF_SQUARE)]),
+    "sdxl_square_show_masks": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, show_masks=True)]),
+    "sdxl_square_global": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, regions=[])]),
+    "sdxl_no_region_phrase": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, show_masks=True)], **SIZE128,
+                                             prompt="a knight riding a horse at dusk"),
+    "sdxl_xyz_weight": xyz("[Character-Adapter] Weight", "0, 0.8", args=[unit(model=SDXL_VITH, image=REF_SQUARE)]),
+    "sdxl_wrong_family": lambda: txt2img([unit(image=REF_SQUARE)]),  # an SD1.5 adapter on SDXL: refused
+    # DANGER: a 1:2 reference is a 1024x2048 UNet pass; it took the WebUI to 24.3 GB (OOM kill) on a
+    # 24 GB machine. Run only under a hard cap (start_webui.sh MEM_CAP_GB=...).
+    "sdxl_tall_capped": lambda: txt2img([unit(model=SDXL_VITH, image=REF_TALL)], **SIZE128),
+}
+DANGEROUS = ("sdxl_tall_capped", "sdxl_square_bigg_capped")  # never part of "all" or a pattern: name it exactly
+
+
+LOCATED = f'{TITLE} located: "'
+# what the first infotext's "Character-Adapter located" must contain
+EXPECT_LOCATED = {
+    "no_region_phrase": "face: from the phrase, upper body: from the phrase, lower body: from the phrase",
+    "sdxl_no_region_phrase": "face: from the phrase, upper body: from the phrase, lower body: from the phrase",
+    "dict": "face: in the prompt, upper body: in the prompt, lower body: in the prompt",
+    "dict_regions": "face: in the prompt, red jacket: in the prompt, blue jeans: in the prompt",
 }
 
 
@@ -174,9 +227,10 @@ def strip_images(data):
     return out
 
 
-def run(url, name, out_dir):
+def run(url, name, out_dir, log_path=None):
     make = CASES[name]
     route, payload = make(url) if make.__code__.co_argcount else make()
+    log_start = os.path.getsize(log_path) if log_path and os.path.exists(log_path) else None
     t0 = time.time()
     r = requests.post(f"{url}/sdapi/v1/{route}", json=payload, timeout=1800)
     dt = time.time() - t0
@@ -198,21 +252,69 @@ def run(url, name, out_dir):
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(dict(strip_images(data), info=info or data.get("info")), f, indent=1, default=str)
     ours = [TITLE in t for t in infotexts]
+    located = [t.split(LOCATED, 1)[1].split('"')[0] if LOCATED in t else "" for t in infotexts[:1]]
+    want = EXPECT_LOCATED.get(name)
+    check = "" if want is None else (" located OK" if located and want in located[0] else " located FAILED")
     error = data.get("errors") or data.get("error") or data.get("detail") or ""
-    print(f"{name:22s} HTTP {r.status_code} {dt:6.1f}s images={len(images)} infotexts={len(infotexts)} "
-          f"ours={ours} {str(error)[:300]}", flush=True)
+    expected = EXPECTED_STATUS.get(name, 200)
+    status = f"HTTP {r.status_code}" + ("" if r.status_code == expected else f" (EXPECTED {expected})")
+    print(f"{name:22s} {status} {dt:6.1f}s images={len(images)} infotexts={len(infotexts)} "
+          f"ours={ours} located={located}{check} {str(error)[:300]}{log_note(log_path, log_start)}", flush=True)
     return r.status_code, data
+
+
+def log_note(log_path, start):
+    """What the request added to the WebUI's log: its lines naming us, and whether a traceback."""
+    if start is None:
+        return ""
+    time.sleep(0.5)  # the handler prints after the response is built
+    with open(log_path, errors="replace") as f:
+        f.seek(start)
+        added = f.read()
+    ours = sum("Character-Adapter" in line for line in added.splitlines())
+    return f" [log: {ours} line(s) naming us{', a TRACEBACK' if 'Traceback' in added else ''}]"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:7861")
     ap.add_argument("--out", default="/work/realwebui/out")
+    ap.add_argument("--log", default="/work/realwebui/webui.log", help="the WebUI's log (start_webui.sh writes it)")
     ap.add_argument("cases", nargs="*")
+    ap.add_argument("--list", action="store_true", help="print the case names and exit")
     a = ap.parse_args()
+    if a.list:
+        print("\n".join(CASES))
+        return
     os.makedirs(a.out, exist_ok=True)
-    for name in a.cases or list(CASES):
-        run(a.url, name, a.out)
+    sdxl = loaded_is_sdxl(a.url)
+    for name in select(a.cases, sdxl):
+        if name.startswith("sdxl_") != sdxl:
+            print(f"{name:22s} skipped: needs the {'SDXL' if name.startswith('sdxl_') else 'SD1.5'} checkpoint loaded")
+            continue
+        run(a.url, name, a.out, a.log)
+
+
+def loaded_is_sdxl(url: str) -> bool:
+    """Whether the WebUI's current checkpoint is an SDXL one (by its name: random-sdxl...)."""
+    current = requests.get(f"{url}/sdapi/v1/options", timeout=60).json().get("sd_model_checkpoint", "")
+    return "sdxl" in current.lower()
+
+
+def select(patterns, sdxl: bool):
+    """Case names for the arguments: exact names, globs, or (none) every safe case of the family."""
+    if not patterns:
+        return [n for n in CASES if n.startswith("sdxl_") == sdxl and n not in DANGEROUS]
+    out = []
+    for pattern in patterns:
+        if pattern in CASES:
+            out.append(pattern)
+            continue
+        matched = [n for n in CASES if fnmatch.fnmatchcase(n, pattern) and n not in DANGEROUS]
+        if not matched:
+            raise SystemExit(f"no case matches {pattern!r}; --list shows them")
+        out += matched
+    return out
 
 
 if __name__ == "__main__":

@@ -5,11 +5,15 @@ the methods. Simplified: no auth, no infotext request key, no task queue/progres
 and the routes the extension does not need are left out.
 """
 import base64
+import datetime
 import io
+import os
 import threading
+import time
 from contextlib import closing
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import HTTPException  # the class v1.10.1's handler checks
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -52,16 +56,49 @@ def encode_pil_to_base64(image):  # mirrors modules/api/api.py (encode_pil_to_ba
         return base64.b64encode(output_bytes.getvalue())
 
 
-def api_middleware(app: FastAPI):  # mirrors modules/api/api.py (api_middleware): every exception -> JSON
-    def handle_exception(request: Request, e: Exception):
+def api_middleware(app: FastAPI):  # mirrors modules/api/api.py (api_middleware) of v1.10.1
+    """Every exception becomes a JSON answer: status from the exception's `status_code` (500 when it
+    has none); a traceback is printed for anything that is not a fastapi HTTPException (with rich's
+    local variables when WEBUI_RICH_EXCEPTIONS is set and rich imports), nothing for those."""
+    rich_available = False
+    try:
+        if os.environ.get('WEBUI_RICH_EXCEPTIONS', None) is not None:
+            import anyio  # the WebUI imports these two only to keep them out of rich's frames
+            import starlette
+            from rich.console import Console
+            console = Console()
+            rich_available = True
+    except Exception:
+        pass
+
+    @app.middleware("http")
+    async def log_and_time(req: Request, call_next):  # mirrors (api_middleware.log_and_time)
+        ts = time.time()
+        res: Response = await call_next(req)
+        duration = str(round(time.time() - ts, 4))
+        res.headers["X-Process-Time"] = duration
+        endpoint = req.scope.get('path', 'err')
+        if shared.cmd_opts.api_log and endpoint.startswith('/sdapi'):
+            print(f"API {datetime.datetime.now():%Y-%m-%d %H:%M:%S.%f} {res.status_code} {req.scope.get('scheme', 'err')}/"
+                  f"{req.scope.get('http_version', '0.0')} {req.scope.get('method', 'err')} {endpoint} "
+                  f"{req.scope.get('client', ('0:0.0.0', 0))[0]} {duration}")
+        return res
+
+    def handle_exception(request: Request, e: Exception):  # mirrors (api_middleware.handle_exception)
         err = {
             "error": type(e).__name__,
             "detail": vars(e).get('detail', ''),
             "body": vars(e).get('body', ''),
             "errors": str(e),
         }
-        if not isinstance(e, HTTPException):  # the WebUI logs a traceback for these
-            errors.report(f"API error: {request.method}: {request.url} {err}", exc_info=True)
+        if not isinstance(e, HTTPException):  # the WebUI prints no traceback for HTTPExceptions
+            message = f"API error: {request.method}: {request.url} {err}"
+            if rich_available:
+                print(message)
+                console.print_exception(show_locals=True, max_frames=2, extra_lines=1, suppress=[anyio, starlette],
+                                        word_wrap=False, width=min([console.width, 200]))
+            else:
+                errors.report(message, exc_info=True)
         return JSONResponse(status_code=vars(e).get('status_code', 500), content=jsonable_encoder(err))
 
     @app.middleware("http")
@@ -168,7 +205,8 @@ class Api:  # mirrors modules/api/api.py (Api)
     def text2imgapi(self, txt2imgreq: models.StableDiffusionTxt2ImgProcessingAPI):  # mirrors (Api.text2imgapi)
         script_runner = scripts.scripts_txt2img
         selectable_scripts, selectable_script_idx = self.get_selectable_script(txt2imgreq.script_name, script_runner)
-        populate = txt2imgreq.model_copy(update={  # Override __init__ params
+        # .copy(update=...) as the real one: pydantic 1's name, still there (deprecated) in pydantic 2
+        populate = txt2imgreq.copy(update={  # Override __init__ params
             "sampler_name": validate_sampler_name(txt2imgreq.sampler_name or txt2imgreq.sampler_index),
             "do_not_save_samples": not txt2imgreq.save_images,
             "do_not_save_grid": not txt2imgreq.save_images,
@@ -210,7 +248,7 @@ class Api:  # mirrors modules/api/api.py (Api)
             mask = decode_base64_to_image(mask)
         script_runner = scripts.scripts_img2img
         selectable_scripts, selectable_script_idx = self.get_selectable_script(img2imgreq.script_name, script_runner)
-        populate = img2imgreq.model_copy(update={  # Override __init__ params
+        populate = img2imgreq.copy(update={  # Override __init__ params
             "sampler_name": validate_sampler_name(img2imgreq.sampler_name or img2imgreq.sampler_index),
             "do_not_save_samples": not img2imgreq.save_images,
             "do_not_save_grid": not img2imgreq.save_images,

@@ -1,0 +1,281 @@
+"""One generation in the WebUI, from run start to run end: validate the settings, prepare the
+reference, install the fusion hooks at every sampling pass, give them each step's rows, and
+remove everything on every path (success, error, interrupt, unload).
+
+Host facts it relies on are in docs/HOST_NOTES.md; `modules` is only imported by the rooms it
+calls (host.py, prompts.py, reference_pass.py), so this file imports without the WebUI.
+"""
+
+import logging
+import traceback
+import weakref
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+from PIL import Image
+
+from ..checkpoint import IPAdapterWeights
+from ..errors import CharacterAdapterError, InputError
+from ..fusion import FusionConfig, FusionSession
+from ..hooks import HookSession, MarkedHook, clear_stale
+from ..layers import check_adapter_layers, find_attn2_layers
+from ..params import INFOTEXT_PREFIX, Params
+from . import refusal
+from .host import check_architecture, unet_of
+from .prompts import (FROM_PHRASE, PhraseFinder, encoder_key, image_texts, located_infotext, phrase_bank,
+                      row_plan)
+from .reference_pass import Reference, ResolveModel, prepare
+from .rows import RowCheck
+from .show_masks import show_masks
+from .xyz import cell_overrides
+
+log = logging.getLogger("character_adapter")
+
+
+class Generation:
+    """Per-generation state of one script instance (one tab): never stored on `p` or modules."""
+
+    def __init__(self, params: Params, weights: IPAdapterWeights, reference: Reference, image_hash: str,
+                 image: Image.Image):
+        self.params = params
+        self.image = image
+        self.weights = weights
+        self.reference = reference
+        self.image_hash = image_hash
+        self.fusion: Optional[FusionSession] = None
+        self.row_check: Optional[RowCheck] = None
+        self.p: Any = None
+        self.hires = False
+        self.phrases = PhraseFinder(tuple(r.phrase for r in params.regions))
+        self.located: List[Tuple[str, ...]] = []  # per image of the run: how each region is located
+        self.needs_bank = False  # some region is absent from some prompt: locate it from its phrase
+        self.located_infotext: Any = None  # the "located" infotext value (a text, or one per image)
+
+    def remove_hooks(self) -> None:
+        """Remove the fusion hooks and the row check; safe to call twice."""
+        check, self.row_check = self.row_check, None
+        try:
+            if self.fusion is not None:
+                self.fusion.remove()
+        finally:
+            if check is not None:
+                check.remove()
+
+
+class Controller:
+    """What the Script delegates to; one per script instance."""
+
+    def __init__(self, resolve_model: ResolveModel):
+        self.resolve_model = resolve_model
+        self.generation: Optional[Generation] = None
+        self.error: Optional[str] = None
+        self.refused = False  # the error is a refused input (the caller's mistake): HTTP 422, no traceback
+        self._error_hooks: Optional[HookSession] = None
+        self._guard: Optional[Tuple[Any, Any]] = None  # (weakref to the denoiser, handle)
+
+    # ---- run start -----------------------------------------------------------------------
+
+    def process(self, p, args: Sequence[Any]) -> None:
+        """Run start: clear leftovers, validate settings, prepare tokens (or remember the error)."""
+        self.end()
+        unet = unet_of(p.sd_model)
+        if unet is not None:
+            clear_stale(unet)  # a crashed run skips postprocess
+        try:
+            params = Params.from_args(args)
+            if params.enabled:
+                params = params.with_overrides(cell_overrides(p))  # an X/Y/Z cell's values, set on its copy of p
+        except CharacterAdapterError as err:
+            self.error, self.refused = str(err), isinstance(err, InputError)
+            return self._report(p)
+        if not params.enabled:
+            return None
+        try:
+            prepared = prepare(p, params, self.resolve_model)
+            self.generation = Generation(params, prepared.weights, prepared.reference, prepared.image_hash,
+                                         prepared.image)
+            self._locate(p, self.generation)
+        except CharacterAdapterError as err:
+            self.error, self.refused = str(err), isinstance(err, InputError)
+            return self._report(p)
+        except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
+            self._fail("preparing the reference", err)
+            return self._report(p)
+        gen = self.generation
+        p.extra_generation_params.update(params.to_infotext(gen.image_hash))
+        if gen.located_infotext is not None:
+            p.extra_generation_params[f"{INFOTEXT_PREFIX} located"] = gen.located_infotext
+        for name in gen.reference.empty_regions:
+            p.comment(f"Character-Adapter: region '{name}' was not found in the reference; "
+                      f"its crop is the whole image.")
+        if gen.image.info.get("frames", 1) > 1:
+            p.comment(f"Character-Adapter: the reference is animated ({gen.image.info['frames']} frames); "
+                      f"its first frame is used.")
+        return None
+
+    @staticmethod
+    def _locate(p, gen: Generation) -> None:
+        """How each image's regions will be located (the first AND part of its prompt, every
+        prompt edit): whether a phrase bank is needed, and the infotext value saying so."""
+        if not gen.params.regions:
+            return
+        gen.located = [gen.phrases.locations(p.sd_model, texts) for texts in image_texts(p, p.steps)]
+        gen.needs_bank = any(FROM_PHRASE in kind for kinds in gen.located for kind in kinds)
+        gen.located_infotext = located_infotext(gen.phrases, p.sd_model, p.steps, gen.located)
+
+    def _report(self, p) -> None:
+        if not self.error.startswith("Character-Adapter"):  # loader errors name the file, not us
+            self.error = f"Character-Adapter: {self.error}"
+        log.error("%s", self.error)
+        p.comment(self.error)
+
+    # ---- sampling ------------------------------------------------------------------------
+
+    def before_sampling(self, p, x: torch.Tensor) -> None:
+        """Each sampling start (hires too): guard the pass, then install its hooks. The host only
+        logs a failure here, so it stops the run instead of sampling on without the adapter."""
+        self._guard_denoiser(p)
+        try:
+            self._begin_pass(p, x)
+        except Exception as err:  # noqa: BLE001
+            self._fail("starting the sampling pass", err)
+            self._stop_generation(unet_of(p.sd_model))
+
+    def _fail(self, what: str, err: Exception) -> None:
+        """Remember the first error of the run; the next UNet call raises it."""
+        # the traceback as text: a log record holding the exception would keep the run's tensors
+        log.error("Character-Adapter: %s failed\n%s", what, traceback.format_exc())
+        if self.error is None:
+            self.error = str(err) if isinstance(err, CharacterAdapterError) else (
+                f"Character-Adapter: {what} failed: {type(err).__name__}: {err}")
+
+    def _guard_denoiser(self, p) -> None:
+        """An exception inside a denoiser call ends the run with no postprocess (the host has no
+        try/finally around sampling, HOST_NOTES §3): an always-call hook on the pass's CFG
+        denoiser (a per-pass nn.Module) then removes everything of ours at once."""
+        denoiser = getattr(getattr(p, "sampler", None), "model_wrap_cfg", None)
+        if not isinstance(denoiser, torch.nn.Module):
+            return
+        if self._guard is not None and self._guard[0]() is denoiser:
+            return
+        self._drop_guard()
+        owner = weakref.ref(self)
+
+        def on_exit(module, args, output):
+            controller = owner()
+            if output is None and controller is not None:  # torch passes None when forward raised
+                controller._guard = None  # torch is iterating this hook's dict: leave the hook there
+                controller.end()
+
+        try:
+            handle = denoiser.register_forward_hook(MarkedHook(on_exit, "charadapter.guard"), always_call=True)
+        except TypeError:  # torch < 2.1 has no always_call: the next run start cleans up instead
+            return
+        self._guard = (weakref.ref(denoiser), handle)
+
+    def _drop_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard[1].remove()
+
+    def _begin_pass(self, p, x: torch.Tensor) -> None:
+        """(Re)install the fusion hooks for this pass."""
+        unet = unet_of(p.sd_model)
+        if self.error is not None:
+            return self._stop_generation(unet)
+        gen = self.generation
+        if gen is None or unet is None:
+            return None
+        check_architecture(p.sd_model, gen.weights)
+        layers = find_attn2_layers(unet)
+        check_adapter_layers(layers, gen.weights.layers, gen.weights.source)
+        previous = gen.fusion
+        if previous is not None and previous.unet is not unet:
+            gen.remove_hooks()  # hires checkpoint: a different UNet
+            previous = None
+        if previous is None:
+            params = gen.params
+            config = FusionConfig(
+                weight=params.weight, region_weights=tuple(r.weight for r in params.regions),
+                start=params.start, end=params.end, mode=params.fusion,
+                temperature=params.temperature, background=params.background,
+            )
+            # the adapter's weights as stored: the session casts one layer at a time (fp32 copies of
+            # all layers at once were 1.4 GB more, for a moment, with an fp16 SDXL adapter)
+            gen.fusion = FusionSession(unet, layers, gen.weights.layers, gen.reference.tokens.cond,
+                                       gen.reference.tokens.negative, config)
+            gen.fusion.install()
+            gen.row_check = RowCheck(unet, layers, gen.fusion.state).install()
+        gen.p = p
+        gen.hires = bool(getattr(p, "is_hr_pass", False))
+        if gen.needs_bank:  # each pass: the encodings follow this pass's checkpoint and networks (cached)
+            bank, gen.phrases.bank_entries = phrase_bank(p.sd_model, gen.phrases.phrases,
+                                                         encoder_key(p.sd_model, p, gen.hires))
+            gen.fusion.set_phrase_bank(bank.embeddings)
+        steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if gen.hires else int(p.steps)
+        gen.fusion.begin_pass(tuple(x.shape[-2:]), steps)
+        return None
+
+    def _stop_generation(self, unet) -> None:
+        """Generation must not go on silently without the adapter: raise inside the UNet."""
+        message, refused = self.error, self.refused
+
+        def refuse(module, args):
+            raise refusal.CharacterAdapterError(message) if refused else CharacterAdapterError(message)
+
+        if unet is None or self._error_hooks is not None:
+            return
+        session = HookSession(root=unet)
+        session.add_forward_pre_hook(unet, refuse, label="charadapter.error")
+        self._error_hooks = session.install()
+
+    def on_cfg_denoiser(self, params) -> None:
+        """Before each denoiser call. The host only logs a callback's error: a failure stops the
+        run at this step's UNet call instead of sampling on with the last step's plan."""
+        try:
+            self._begin_step(params)
+        except Exception as err:  # noqa: BLE001
+            self._fail("preparing the sampling step", err)
+            gen = self.generation
+            self._stop_generation(gen.fusion.unet if gen is not None and gen.fusion is not None else None)
+
+    def _begin_step(self, params) -> None:
+        """The step and which rows are cond / uncond, per image."""
+        gen = self.generation
+        if gen is None or gen.fusion is None or not gen.fusion.installed:
+            return
+        denoiser = getattr(params, "denoiser", None)
+        step = getattr(denoiser, "step", None)
+        total = getattr(denoiser, "total_steps", None)
+        if step is None or not total:
+            step, total = params.sampling_step, params.total_sampling_steps
+        gen.fusion.total_steps = max(int(total), 1)
+        gen.fusion.begin_step(int(step), row_plan(gen.phrases, gen.p, gen.hires, params, int(step)))
+        if gen.row_check is not None:
+            gen.row_check.begin_step(params.text_cond, params.text_uncond)
+
+    # ---- run end -------------------------------------------------------------------------
+
+    def postprocess(self, p, processed) -> None:
+        """Run end: masks to the gallery when asked, then remove every hook."""
+        gen = self.generation
+        try:
+            if gen is not None and gen.params.show_masks:
+                show_masks(gen.p, processed, gen.image, gen.reference, gen.fusion, gen.phrases.phrases, gen.located)
+        finally:
+            self.end()
+
+    def end(self) -> None:
+        """Remove every hook of ours and forget the generation (also on errors and unload)."""
+        gen, self.generation = self.generation, None
+        hooks, self._error_hooks = self._error_hooks, None
+        self.error, self.refused = None, False
+        try:
+            if gen is not None:
+                gen.remove_hooks()
+        finally:
+            try:
+                if hooks is not None:
+                    hooks.remove()
+            finally:
+                self._drop_guard()
