@@ -147,8 +147,8 @@ class ToyAdapter(torch.nn.Module):
     def __init__(self, layer_widths, context_dim: int = 768, tokens: int = IMAGE_TOKENS, seed: int = 0,
                  text_kv=None):
         """`text_kv`: per layer the text attention's (to_k, to_v) weights to start from, as
-        IP-Adapter's training does (the image tokens start out read like text tokens); None: random
-        keys and zero values (the term starts as a no-op)."""
+        IP-Adapter's training does (image tokens are read like text tokens); None: random keys and
+        zero values (the term starts as a no-op)."""
         super().__init__()
         from charadapter.projection import ImageProjection
 
@@ -171,6 +171,16 @@ class ToyAdapter(torch.nn.Module):
             sd[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = k
             sd[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = v
         return {k: v.detach().to(dtype).contiguous() for k, v in sd.items()}
+
+    def load_flat(self, sd: Dict[str, torch.Tensor]) -> "ToyAdapter":
+        """Start from a saved adapter file's tensors (state_dict_flat's layout), in float32."""
+        proj = {k[len("image_proj."):]: v.float() for k, v in sd.items() if k.startswith("image_proj.")}
+        self.image_proj.load_state_dict(proj)
+        with torch.no_grad():
+            for i, (k, v) in enumerate(zip(self.to_k_ip, self.to_v_ip)):
+                k.copy_(sd[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"].float())
+                v.copy_(sd[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"].float())
+        return self
 
 
 def save_image_side(clip, adapter: ToyAdapter, directory: str = WEIGHTS) -> None:

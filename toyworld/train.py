@@ -28,6 +28,7 @@ import copy
 import math
 import os
 import time
+from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -41,7 +42,7 @@ from charadapter.images import GREY, pad_to_square
 from charadapter.layers import find_attn2_layers
 
 from . import data
-from .model import WEIGHTS, ToyAdapter, build_clip, build_sd, save_image_side, save_sd
+from .model import CLIP_DIR, WEIGHTS, ToyAdapter, build_clip, build_sd, save_image_side, save_sd
 
 SEED = 1234
 
@@ -123,7 +124,7 @@ def strip_of(image: np.ndarray, masks: np.ndarray, region: int, rng: np.random.G
     return pad_to_square(data.to_pil(image).crop((0, top, data.SIZE, bottom)), GREY)
 
 
-ADAPTER_OMIT_COLOUR = 0.6  # captions of stage 2 name a region's colour less often: the reference must
+ADAPTER_OMIT_COLOUR = 0.8  # captions of stage 2 name a region's colour less often: the reference must
 WHOLE_P = 0.5  # a reference is the whole picture this often, else a strip of one region
 
 
@@ -138,14 +139,44 @@ def reference_view(character: data.Character, avoid: Optional[data.Layout],
     return strip_of(image, masks, region, rng), region
 
 
-def adapter_example(seed: int) -> Tuple[data.Sample, Image.Image]:
-    """(target, reference) of stage 3, a function of the seed: the target is a training sample with
-    a caption that often omits colours; the reference is ANOTHER rendering of the same character,
-    so the adapter learns who the character is rather than where its pixels are."""
+@dataclass
+class AdapterExample:
+    """One stage-3 example: a target, another rendering of its character as the reference, the
+    caption the adapter trains under and the teacher's caption (it also names what the reference shows)."""
+
+    image: np.ndarray  # (H, W, 3) uint8, the target
+    reference: Image.Image
+    caption: str
+    teacher_caption: str
+
+
+def paired_captions(character: data.Character, layout: data.Layout, shown: Sequence[int],
+                    rng: np.random.Generator) -> Tuple[str, str]:
+    """(caption, teacher caption): the same words, except that the teacher names the colours of the
+    regions the reference shows where the caption gives the bare noun (the eval prompts' form)."""
+    order = [int(i) for i in rng.permutation(len(data.REGIONS))]
+    named = [bool(rng.random() >= ADAPTER_OMIT_COLOUR) for _ in data.REGIONS]
+    bare = rng.random() < 0.2
+    background = layout.background if rng.random() < 0.85 else None
+    size = layout.size if rng.random() < 0.5 else None
+    position = layout.position if rng.random() < 0.5 else None
+
+    def text(full: Sequence[bool]) -> str:
+        phrases = [data.region_phrase(character, data.REGIONS[r]) if full[r] else data.REGIONS[r] for r in order]
+        return " , ".join(phrases) if bare else data.prompt(phrases, background, size, position)
+
+    return text(named), text([n or r in shown for r, n in enumerate(named)])
+
+
+def adapter_example(seed: int) -> AdapterExample:
+    """A stage-3 example, a function of the seed: the reference is ANOTHER rendering of the target's
+    character, so the adapter learns who the character is rather than where its pixels are."""
     target = data.make_sample(seed)
     rng = np.random.default_rng([seed, 2])
-    target.caption = data.caption(target.character, target.layout, rng, omit_colour_p=ADAPTER_OMIT_COLOUR)
-    return target, reference_view(target.character, target.layout, rng)[0]
+    reference, region = reference_view(target.character, target.layout, rng)
+    shown = range(len(data.REGIONS)) if region is None else (region,)
+    caption, teacher = paired_captions(target.character, target.layout, shown, rng)
+    return AdapterExample(target.image, reference, caption, teacher)
 
 
 # what a reference shows of its character: skin, jacket colour, trousers colour, striped or not
@@ -229,15 +260,17 @@ class GainProbe:
     def __init__(self, model, layers, refs: int = 16):
         self.model, self.layers = model, layers
         rng = np.random.default_rng(77)
-        targets, references, prompts, masks = [], [], [], []
+        targets, references, prompts, colour_prompts, masks = [], [], [], [], []
         for sample in data.held_out(refs, offset=7000):
             layout = data.other_layout(rng, sample.layout)
             image, mask = data.render(sample.character, layout, rng)
+            colours = [data.region_phrase(sample.character, r) for r in data.REGIONS]
             for _ in PROBE_T:
                 targets.append(image)
                 masks.append(mask)
                 references.append(data.to_pil(sample.image))
                 prompts.append(data.prompt(list(data.REGIONS), layout.background, layout.size, layout.position))
+                colour_prompts.append(data.prompt(colours, layout.background, layout.size, layout.position))
         x0 = torch.from_numpy(np.stack(targets).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)  # (B, 3, H, W)
         self.t = torch.tensor(list(PROBE_T) * refs)
         gen = torch.Generator().manual_seed(78)
@@ -248,6 +281,9 @@ class GainProbe:
         with torch.no_grad():
             self.cond = model.get_learned_conditioning(prompts)
             self.base = self._errors(adapter_eps(model, layers, None, self.x, self.t.float(), self.cond))
+            named = self._errors(adapter_eps(model, layers, None, self.x, self.t.float(),
+                                             model.get_learned_conditioning(colour_prompts)))
+        self.text = f"the colours in the prompt instead: figure {1 - named[0] / self.base[0]:+.3f}"
 
     def _errors(self, eps: torch.Tensor) -> Tuple[float, float]:
         se = ((eps - self.noise) ** 2).mean(dim=1)  # (B, H, W)
@@ -258,43 +294,87 @@ class GainProbe:
         state = adapter_state(clip, adapter, self.references, torch.ones(len(self.references), 1))
         figure, background = self._errors(adapter_eps(self.model, self.layers, state, self.x, self.t.float(), self.cond))
         return (f"teacher-forced gain figure {1 - figure / self.base[0]:+.3f}, "
-                f"background {1 - background / self.base[1]:+.3f}")
+                f"background {1 - background / self.base[1]:+.3f} ({self.text})")
+
+
+T_LOW, T_HIGH = 50, 950  # stage 3's timesteps
+
+
+@torch.no_grad()
+def error_curve(model, layers, points: int = 10, size: int = 48) -> Tuple[np.ndarray, np.ndarray]:
+    """(t, the base model's epsilon-MSE at t) on `size` stage-3 examples, at `points` timesteps."""
+    examples = [adapter_example(60_000_000 + i) for i in range(size)]
+    x0 = torch.from_numpy(np.stack([e.image for e in examples]).astype(np.float32).transpose(0, 3, 1, 2)
+                          / 127.5 - 1.0)  # (B, 3, H, W)
+    cond = model.get_learned_conditioning([e.caption for e in examples])
+    gen = torch.Generator().manual_seed(SEED + 3)
+    ts = np.linspace(T_LOW, T_HIGH - 1, points).round().astype(int)
+    errors = []
+    for t in ts:
+        noise = torch.randn(x0.shape, generator=gen)
+        tt = torch.full((size,), int(t))
+        eps = adapter_eps(model, layers, None, model.q_sample(x0, tt, noise), tt.float(), cond)
+        errors.append(float(((eps - noise) ** 2).mean()))
+    return ts.astype(np.float64), np.array(errors)
+
+
+DISTILL = 1.0  # weight of the teacher term
 
 
 def train_adapter(model, clip, steps: int, batch_size: int, out: str, lr: float = 1e-3, save_every: int = 100,
-                  probe_every: int = 50):
-    """Stage 3: base and image encoder frozen; projection + to_k_ip/to_v_ip trained, to_k_ip/to_v_ip
-    starting from the text attention's to_k/to_v (IP-Adapter's initialisation)."""
+                  probe_every: int = 50, start_from: Optional[str] = None, first_example: int = 0):
+    """Stage 3: base and image encoder frozen; projection + to_k_ip/to_v_ip trained, starting from
+    the text attention's to_k/to_v (IP-Adapter's initialisation: image tokens are read like words).
+    Two terms: the epsilon-MSE, and the distance to the base model's own prediction under the
+    teacher caption, which names the colours the reference shows (the adapter learns first what
+    the missing words would have said; the target noise alone is a much noisier signal of it).
+    Timesteps T_LOW..T_HIGH, each example's terms divided by the base model's error at its t
+    (error_curve): the plain epsilon-MSE is ruled by the small t, where the pixels already show
+    the colours and a reference has least to add. `start_from`: an adapter file to go on from (a
+    longer run in several sittings), with examples from `first_example` on (none seen twice)."""
     torch.manual_seed(SEED + 1)
     model.eval().requires_grad_(False)
     unet = model.model.diffusion_model
     layers = find_attn2_layers(unet)
     adapter = ToyAdapter([layer.inner_dim for layer in layers], seed=SEED,
                          text_kv=[(layer.module.to_k.weight, layer.module.to_v.weight) for layer in layers])
+    if start_from:
+        from safetensors.torch import load_file
+
+        adapter.load_flat(load_file(start_from))
     params = list(adapter.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(SEED + 1)
     rng = np.random.default_rng(SEED + 1)
+    curve_t, curve = error_curve(model, layers)
+    log("base error by t: " + ", ".join(f"{t:.0f} {e:.4f}" for t, e in zip(curve_t, curve)))
     probe = GainProbe(model, layers) if probe_every else None
     if probe is not None:
         log(f"adapter step 0: {probe(clip, adapter)}")
-    offset = 50_000_000  # other images than stage 1's (same distribution)
+    offset = 50_000_000 + first_example  # other images than stage 1's (same distribution)
     t0, running = time.time(), None
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, 20, steps)
         examples = [adapter_example(offset + step * batch_size + i) for i in range(batch_size)]
-        x0 = torch.from_numpy(np.stack([e[0].image for e in examples]).astype(np.float32).transpose(0, 3, 1, 2)
+        x0 = torch.from_numpy(np.stack([e.image for e in examples]).astype(np.float32).transpose(0, 3, 1, 2)
                               / 127.5 - 1.0)  # (B, 3, H, W)
-        captions = [e[0].caption if rng.random() >= 0.1 else "" for e in examples]
+        drop_text = rng.random(batch_size) < 0.1
+        captions = ["" if d else e.caption for d, e in zip(drop_text, examples)]
+        teachers = ["" if d else e.teacher_caption for d, e in zip(drop_text, examples)]
         keep = torch.from_numpy((rng.random(batch_size) >= 0.1).astype(np.float32))[:, None]
-        state = adapter_state(clip, adapter, [e[1] for e in examples], keep)
-        t = torch.randint(0, model.num_timesteps, (batch_size,), generator=gen)
+        state = adapter_state(clip, adapter, [e.reference for e in examples], keep)
+        t = torch.randint(T_LOW, T_HIGH, (batch_size,), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
+        x = model.q_sample(x0, t, noise)
         with torch.no_grad():
             cond = model.get_learned_conditioning(captions)
-        eps = adapter_eps(model, layers, state, model.q_sample(x0, t, noise), t, cond)
-        loss = F.mse_loss(eps, noise)
+            taught = adapter_eps(model, layers, None, x, t, model.get_learned_conditioning(teachers))
+        eps = adapter_eps(model, layers, state, x, t, cond)
+        scale = torch.from_numpy(1.0 / np.interp(t.numpy(), curve_t, curve)).float()  # (B,)
+        scale = scale * keep[:, 0] / float(np.mean(1.0 / curve))  # no reference: nothing to teach
+        terms = ((eps - noise) ** 2).mean(dim=(1, 2, 3)) + DISTILL * ((eps - taught) ** 2).mean(dim=(1, 2, 3))
+        loss = (terms * scale).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -322,6 +402,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=WEIGHTS)
     parser.add_argument("--skip-base", action="store_true",
                         help="reuse the saved base model; train the image side (encoder and adapter) only")
+    parser.add_argument("--skip-clip", action="store_true",
+                        help="also reuse the saved image encoder; train the adapter only (with --skip-base)")
+    parser.add_argument("--adapter-from", help="an adapter file to go on training from (with --skip-clip)")
+    parser.add_argument("--first-example", type=int, default=0,
+                        help="index of stage 3's first example (going on: the steps x batch already seen)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -332,9 +417,16 @@ def main(argv=None) -> None:
     else:
         model = train_base(args.base_steps, args.batch, args.out)
     log(f"base done in {time.time() - start:.0f} s")
-    clip = pretrain_clip(build_clip(SEED), args.clip_steps, args.clip_batch)
+    if args.skip_clip:
+        from charadapter.clip_vision import load_clip_vision
+
+        clip = load_clip_vision(os.path.join(args.out, CLIP_DIR)).requires_grad_(False)
+    else:
+        clip = pretrain_clip(build_clip(SEED), args.clip_steps, args.clip_batch)
+        clip.half().float()  # the weights the fp16 file holds: stage 3 sees the same encoder with --skip-clip
     log(f"image encoder done in {time.time() - start:.0f} s")
-    train_adapter(model, clip, args.adapter_steps, args.adapter_batch, args.out, lr=args.adapter_lr)
+    train_adapter(model, clip, args.adapter_steps, args.adapter_batch, args.out, lr=args.adapter_lr,
+                  start_from=args.adapter_from, first_example=args.first_example)
     total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
     log(f"all done in {time.time() - start:.0f} s; {args.out}: {total / 1e6:.2f} MB")
 
