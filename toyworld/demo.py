@@ -99,9 +99,8 @@ def run(out: str = OUT, ref: int = 3, steps: int = 30, scale: float = 3.0, seed:
     boxes = seg.boxes(image.size, "strip")
     crops = region_crops(image, boxes)
     whole, regional = world.encoder.encode([image]), world.encoder.encode(crops)
-    prompt, gen_phrases = ((target.colour_prompt, target.colour_phrases) if colours
-                           else (target.prompt, target.phrases))
-    groups = world.groups(prompt, gen_phrases)
+    prompt = target.colour_prompt if colours else target.prompt
+    groups, bank = world.located(prompt, phrases)  # generation phrases = reference phrases (the runtime's default)
     noise = torch.randn((1, 3, data.SIZE, data.SIZE), generator=torch.Generator().manual_seed(seed))
     generated: List[Tuple[str, Image.Image]] = []
     layouts: List[Optional[torch.Tensor]] = []
@@ -112,7 +111,8 @@ def run(out: str = OUT, ref: int = 3, steps: int = 30, scale: float = 3.0, seed:
             tokens = whole if not kwargs["region_weights"] else regional
             config = FusionConfig(weight=1.0, map_levels=world.map_levels, **kwargs)
             record = layouts if label == "CA soft" else None
-            with FusionSession(world.unet, world.layers, world.ip, tokens.cond, tokens.negative, config) as fusion:
+            with FusionSession(world.unet, world.layers, world.ip, tokens.cond, tokens.negative, config,
+                               phrase_bank=None if bank is None else bank.embeddings) as fusion:
                 img = sample_images(world, [prompt], noise, steps, scale, fusion, groups, seed=seed, layouts=record)[0]
         generated.append((label, big(img)))
     regions = len(data.REGIONS)

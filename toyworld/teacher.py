@@ -44,7 +44,7 @@ TIMESTEPS = (100, 300, 500, 700, 900)
 FIGURE_REGIONS = data.REGIONS
 REGION_NAMES = FIGURE_REGIONS + ("background",)  # error columns, background last
 SEG_T = 150  # the reference segmentation timestep of the toy (README "Toy world")
-NOUNS = tuple(data.REGIONS)  # the generation phrases: the prompt names no colour
+NOUNS = tuple(data.REGIONS)  # the region nouns of the prompt, which names no colour
 
 
 # --------------------------------------------------------------------------- scenes
@@ -131,7 +131,11 @@ class Setting:
     background: float = 0.4
     layout: str = "dynamic"  # "dynamic" (the image's own maps) | "prior" (even split, frozen) | "true" (target masks)
     colour_prompt: bool = False  # the measured call's prompt names the colours (a text-only baseline)
-    layout_phrases: str = "prompt"  # "prompt" | "colours": the maps call names the colours (diagnostic)
+    # where the layout's maps come from: "reference" = the generation phrases are the reference phrases
+    # (the runtime's default), located from their own tokens since the prompt lacks them (phrase
+    # bank); "nouns" = the prompt's bare nouns; "colours" = the maps call's prompt names the target's
+    # colours (a diagnostic: no user prompt does that here)
+    layout_phrases: str = "reference"
     layout_dt: int = 0  # the maps call sees the target noised at t + layout_dt (same noise)
     map_levels: Tuple[int, ...] = MAP_LEVELS
     weight: float = 1.0
@@ -155,8 +159,9 @@ SETTINGS = (
     Setting("CA soft, true masks", "regions", layout="true"),
 )
 DIAGNOSTICS = (  # item 7: why soft does (not) win
-    Setting("CA soft, layout from colour phrases", "regions", layout_phrases="colours"),
-    Setting("CA hard, layout from colour phrases", "regions", mode="hard", layout_phrases="colours"),
+    Setting("CA soft, layout from the prompt's nouns", "regions", layout_phrases="nouns"),
+    Setting("CA hard, layout from the prompt's nouns", "regions", mode="hard", layout_phrases="nouns"),
+    Setting("CA soft, layout from a colour prompt", "regions", layout_phrases="colours"),
     Setting("CA soft bg0.2", "regions", background=0.2),
     Setting("CA soft bg0.6", "regions", background=0.6),
     Setting("CA soft t1.0", "regions", temperature=1.0),
@@ -238,6 +243,7 @@ class Tokens:
     whole: object  # RegionTokens of the whole picture (R = 1)
     regions: object  # RegionTokens of the strip crops (R = 3)
     seg_masks: np.ndarray  # (3, H, W) the reference masks segmentation found
+    phrases: Tuple[str, ...]  # the reference phrases, also the generation phrases (the runtime's default)
 
 
 def encode_reference(world: World, reference: Reference, seg_t: int = SEG_T) -> Tokens:
@@ -245,7 +251,8 @@ def encode_reference(world: World, reference: Reference, seg_t: int = SEG_T) -> 
     image = data.to_pil(reference.image)
     seg = world.segment(reference.image, reference.phrases(), seg_t)
     crops = region_crops(image, seg.boxes(image.size, "strip"))
-    return Tokens(world.encoder.encode([image]), world.encoder.encode(crops), np.asarray(seg.masks))
+    return Tokens(world.encoder.encode([image]), world.encoder.encode(crops), np.asarray(seg.masks),
+                  tuple(reference.phrases()))
 
 
 @torch.no_grad()
@@ -272,23 +279,31 @@ def run_setting(world: World, setting: Setting, tokens: Optional[Tokens], batch:
     chosen = tokens.whole if setting.adapter == "global" else tokens.regions
     measured = cond(setting.colour_prompt)
 
-    def plan(colours: bool) -> RowPlan:
-        groups = None if setting.adapter == "global" else world.groups(
-            batch.colour_prompts[0] if colours else batch.prompts[0],
-            batch.colour_phrases if colours else batch.phrases)
+    bank = None
+    if setting.adapter == "global":
+        groups = None
+    elif setting.layout_phrases == "reference":
+        groups, bank = world.located(batch.prompts[0], tokens.phrases)
+    elif setting.layout_phrases == "nouns":
+        groups = world.groups(batch.prompts[0], batch.phrases)
+    else:
+        groups = world.groups(batch.colour_prompts[0], batch.colour_phrases)
+
+    def plan() -> RowPlan:
         return RowPlan(is_cond=(True,) * n, image=tuple(range(n)), token_groups=(groups,) * n)
 
-    with FusionSession(world.unet, world.layers, world.ip, chosen.cond, chosen.negative, config) as fusion:
+    with FusionSession(world.unet, world.layers, world.ip, chosen.cond, chosen.negative, config,
+                       phrase_bank=None if bank is None else bank.embeddings) as fusion:
         fusion.begin_pass(tuple(x.shape[-2:]), 2)
         if setting.adapter == "regions" and setting.layout != "dynamic":
             layout = batch.layouts if setting.layout == "true" else uniform_masks(n, len(regions), x.shape[-2] * x.shape[-1])
             fusion.fix_layout(layout)
         if setting.two_calls:  # the "previous step": maps of the noisy target under the prior
             colours = setting.layout_phrases == "colours"
-            fusion.begin_step(0, plan(colours))
+            fusion.begin_step(0, plan())
             t_maps = (batch.t + setting.layout_dt).clamp(max=model.num_timesteps - 1)
             model.apply_model(batch.noised(model, setting.layout_dt), t_maps.float(), cond(colours))
-        fusion.begin_step(1 if setting.two_calls else 0, plan(False))
+        fusion.begin_step(1 if setting.two_calls else 0, plan())
         eps = model.apply_model(x, t, measured)
         layout = fusion.masks if setting.adapter == "regions" else None
     return eps, layout
@@ -353,9 +368,10 @@ def gather(arrays: np.ndarray, picks: List[Tuple[int, np.ndarray]]) -> np.ndarra
 
 def evaluate(world: World, refs: int = 24, targets: int = 2, seeds: int = 2, timesteps: Sequence[int] = TIMESTEPS,
              names: Optional[Sequence[str]] = None, diagnostics: bool = False,
-             confusion: Sequence[str] = FIGURE_REGIONS, resamples: int = 1000, log=print) -> Dict:
+             confusion: Sequence[str] = FIGURE_REGIONS, resamples: int = 1000, noise_seed: int = 0, log=print) -> Dict:
     """Errors of every setting on every reference's batch, then gains, bleed and their intervals;
-    `confusion`: the regions changed in turn for the bleed measurement (() = none)."""
+    `confusion`: the regions changed in turn for the bleed measurement (() = none); `noise_seed`
+    shifts every noise seed (the spread of a reduced run, for CI's tolerances)."""
     start = time.time()
     chosen = setting_table(names, diagnostics)
     confusion_settings = [s for s in chosen if s.adapter != "none" and s in SETTINGS]
@@ -367,7 +383,7 @@ def evaluate(world: World, refs: int = 24, targets: int = 2, seeds: int = 2, tim
     seg_iou = []
     batch = None
     for index, reference in enumerate(all_refs):
-        batch = make_batch(targets_for(reference, targets), [1000 * index + j for j in range(seeds)], timesteps)
+        batch = make_batch(targets_for(reference, targets), [noise_seed + 1000 * index + j for j in range(seeds)], timesteps)
         tokens = encode_reference(world, reference)
         seg_iou.append([iou(tokens.seg_masks[r], m) for r, m in
                         enumerate(data.render(reference.character, reference.layout)[1])])
@@ -388,7 +404,7 @@ def evaluate(world: World, refs: int = 24, targets: int = 2, seeds: int = 2, tim
     return summarise(chosen, errors, layout_ious, changed, make_units(batch, len(all_refs)), batch.step,
                      resamples, seg_iou,
                      config=dict(refs=refs, targets=targets, seeds=seeds, timesteps=list(timesteps),
-                                 seg_t=SEG_T, map_levels=list(MAP_LEVELS), resamples=resamples,
+                                 seg_t=SEG_T, map_levels=list(MAP_LEVELS), resamples=resamples, noise_seed=noise_seed,
                                  confusion=list(confusion)),
                      seconds=time.time() - start)
 
@@ -569,21 +585,23 @@ def main(argv=None) -> None:
     parser.add_argument("--targets", type=int, default=2, help="target scenes per reference (other layouts)")
     parser.add_argument("--seeds", type=int, default=2, help="noise seeds per target")
     parser.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)))
-    parser.add_argument("--settings", help="comma-separated setting names (default: the table); 'quick' = QUICK")
+    parser.add_argument("--settings", help="setting names separated by ';' (names hold commas; default: the "
+                                           "table); 'quick' = QUICK")
     parser.add_argument("--diagnostics", action="store_true", help="also the diagnostic settings (item 7)")
     parser.add_argument("--no-confusion", action="store_true", help="skip the one-region-changed references")
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
+    parser.add_argument("--noise-seed", type=int, default=0, help="shifts every noise seed")
     parser.add_argument("--weights", default=WEIGHTS)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     _torch.set_num_threads(args.threads)
     names = None
     if args.settings:
-        names = QUICK if args.settings == "quick" else [n.strip() for n in args.settings.split(",")]
+        names = QUICK if args.settings == "quick" else [n.strip() for n in args.settings.split(";")]
     result = evaluate(World(args.weights), refs=args.refs, targets=args.targets, seeds=args.seeds,
                       timesteps=[int(v) for v in args.timesteps.split(",")], names=names,
                       diagnostics=args.diagnostics, confusion=() if args.no_confusion else FIGURE_REGIONS,
-                      resamples=args.resamples)
+                      resamples=args.resamples, noise_seed=args.noise_seed)
     print(table(result))
     print(f"({result['seconds']} s)")
     print(json.dumps(compact(result), sort_keys=True))

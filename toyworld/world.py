@@ -7,6 +7,7 @@ import torch
 
 from charadapter.adapter import RegionEncoder
 from charadapter.layers import find_attn2_layers
+from charadapter.phrases import PhraseBank
 from charadapter.reference import SEGMENTATION_SEED, noise_latent, segment_reference, segmentation_prompt
 from charadapter.tokens import phrase_positions
 
@@ -36,6 +37,21 @@ class TextWorld:
     def groups(self, text: str, phrases: Sequence[str]) -> Tuple[Tuple[int, ...], ...]:
         chunks = [self.tokenizer.chunk(text)]
         return tuple(tuple(phrase_positions(chunks, self.tokenizer.encode_words(p))) for p in phrases)
+
+    def bank(self, phrases: Sequence[str]) -> PhraseBank:
+        """Each phrase encoded alone, its own token rows (after BOS, before EOS): what the runtime's
+        phrase bank holds for a generation phrase the prompt lacks (charadapter.webui.prompts)."""
+        rows = [enc[1:1 + len(self.tokenizer.encode_words(p))] for p, enc in zip(phrases, self.cond(phrases))]
+        return PhraseBank.stack(rows)
+
+    def located(self, text: str, phrases: Sequence[str]) -> Tuple[Tuple[Tuple[int, ...], ...], Optional[PhraseBank]]:
+        """(token groups, bank): each phrase's tokens in `text`, or where `text` lacks it, its own
+        tokens from a phrase bank (the runtime's PhraseFinder.groups); bank None when all are in `text`."""
+        inside = self.groups(text, phrases)
+        if all(inside):
+            return inside, None
+        bank = self.bank(phrases)
+        return tuple(g or bank.entries(r) for r, g in enumerate(inside)), bank
 
     def segment(self, image: np.ndarray, phrases: Sequence[str], timestep: int, threshold: float = 0.5,
                 levels: Optional[Sequence[int]] = None):
