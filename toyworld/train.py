@@ -10,8 +10,11 @@ from the text attention's to_k / to_v (IP-Adapter's initialisation); the referen
 rendering of the target's character (other background, position and size), whole or, half of
 the time, a full-width strip of one region padded to a square (the crop Character-Adapter feeds
 a region), so the adapter learns who the character is rather than where its pixels are; captions
-omit a region's colour 60 % of the time; 10 % image dropout to the negative tokens, 10 % text
-dropout. The image term goes through the extension's own hooks (charadapter.hooks), so training
+omit a region's colour 80 % of the time; 10 % image dropout to the negative tokens, 10 % text
+dropout. Besides the epsilon-MSE, a distillation term pulls the prediction towards the base
+model's own under a teacher caption that names the colours the reference shows; timesteps 50..950,
+each weighted by 1 / the base error at t (the small t, where the pixels already show the colours,
+would rule the loss). The image term goes through the extension's own hooks (charadapter.hooks), so training
 and inference add it with the same code. Every 50 steps it logs the teacher-forced gain of the
 plain adapter on held-out characters (toyworld.teacher's measurement, reduced): the loss barely
 moves when the adapter starts to help.
@@ -19,7 +22,8 @@ moves when the adapter starts to help.
 Every 150 base steps the segmentation IoU of the EMA model on 24 held-out references is logged:
 the loss says little about whether the text maps localise yet.
 
-`--skip-base` reuses the saved base model and trains stages 2 and 3 only. Two threads (this
+`--skip-base` reuses the saved base model and trains stages 2 and 3 only; `--skip-clip` also the
+image encoder (stage 3 only); `--adapter-from FILE --first-example N` goes on from an adapter file. Two threads (this
 machine's cores) by default; on a shared, busy machine `--threads 1` was faster.
 """
 
