@@ -2,7 +2,8 @@
 
 On an ldm UNetModel with SD1.5's real dimensions and random weights, one run measures, side by
 side and alternating within every repeat: a plain UNet step; one region (a plain IP-Adapter);
-three regions with soft masks; three with hard masks. Each region mode goes through the path
+three regions with soft masks; three with hard masks; two characters of three regions each (soft,
+their subject phrases sharing the image out between them). Each region mode goes through the path
 the WebUI runtime uses (FusionSession: install, begin_pass, begin_step with a RowPlan for the
 CFG batch of one cond and one uncond row), with random IP-Adapter weights of the real shapes.
 The timed step is `begin_step` (which folds the last step's maps into masks) plus the UNet
@@ -35,13 +36,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cache import BoundedCache
-from .fusion import FusionConfig, FusionSession, RowPlan
+from .fusion import CharacterTokens, FusionConfig, FusionSession, RowPlan
 from .hooks import MarkedHook
 from .images import image_hash
 from .layers import find_attn2_layers
 from .reference import SEGMENTATION_SEED, noise_latent, segment_reference
 
-MODES = ("plain", "one_region", "three_region_soft", "three_region_hard")
+MODES = ("plain", "one_region", "three_region_soft", "three_region_hard", "two_characters")
 SD15 = dict(  # v1-inference.yaml's unet_config
     image_size=32, in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2, 1],
     num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True, transformer_depth=1,
@@ -50,10 +51,11 @@ SD15 = dict(  # v1-inference.yaml's unet_config
 TINY = dict(SD15, model_channels=32, context_dim=32)  # same structure: --quick, and the op counts
 TEXT_TOKENS = 77  # one CLIP chunk
 GROUPS = ((5,), (8, 9), (12, 13))  # three region phrases' token columns in the 77-token prompt
+SUBJECTS = ((2,), (16, 17))  # two characters' subject phrases: both share the three region phrases
 WEIGHT = 0.8
 SEGMENTATION_T = 650
 GOALS = dict(three_region_soft_ratio=1.08, three_vs_one_region=1.03, projections_recomputed=0,
-             peak_mem_ratio=1.05, cache_hit_vs_step=0.01)
+             peak_mem_ratio=1.05, cache_hit_vs_step=0.01, two_characters_vs_three_regions=1.03)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -150,6 +152,7 @@ class Adapter:
                         torch.randn(l.inner_dim, context_dim, generator=gen) * scale) for l in layers]
         self.region_tokens = torch.randn(len(GROUPS), tokens, context_dim, generator=gen)  # (R, T, C_ctx)
         self.negative = torch.randn(tokens, context_dim, generator=gen)  # (T, C_ctx)
+        self.second_tokens = torch.randn(len(GROUPS), tokens, context_dim, generator=gen)  # character 2, same adapter
 
     def session(self, unet, layers, mode: str) -> Optional[FusionSession]:
         if mode == "plain":
@@ -157,6 +160,10 @@ class Adapter:
         if mode == "one_region":
             config = FusionConfig(weight=WEIGHT, region_weights=())
             tokens = self.region_tokens[:1]
+        elif mode == "two_characters":
+            config = FusionConfig(weight=WEIGHT, region_weights=(1.0,) * len(GROUPS), subject=True)
+            second = CharacterTokens(self.layers, self.second_tokens, self.negative, config)
+            return FusionSession(unet, layers, self.layers, self.region_tokens, self.negative, config, others=[second])
         else:
             config = FusionConfig(weight=WEIGHT, region_weights=(1.0,) * len(GROUPS),
                                   mode="soft" if mode.endswith("soft") else "hard")
@@ -164,10 +171,15 @@ class Adapter:
         return FusionSession(unet, layers, self.layers, tokens, self.negative, config)
 
 
-def cfg_plan(images: int = 1) -> RowPlan:
+def cfg_plan(images: int = 1, groups=GROUPS) -> RowPlan:
     """The WebUI's CFG batch: cond rows of every image, then uncond rows."""
     return RowPlan(is_cond=(True,) * images + (False,) * images, image=tuple(range(images)) * 2,
-                   token_groups=(GROUPS,) * images + (None,) * images)
+                   token_groups=(groups,) * images + (None,) * images)
+
+
+def plan_for(mode: str) -> RowPlan:
+    """Map columns of a mode: region phrases (both characters use the same three), then subjects."""
+    return cfg_plan(groups=GROUPS + GROUPS + SUBJECTS if mode == "two_characters" else GROUPS)
 
 
 class Runner:
@@ -179,7 +191,7 @@ class Runner:
         self.x = torch.randn(2, 4, latent, latent, generator=gen).to(device)
         self.t = torch.full((2,), 500.0, device=device)
         self.context = torch.randn(2, TEXT_TOKENS, context_dim, generator=gen).to(device)  # cond, uncond
-        self.plan = cfg_plan()
+        self.plans = {mode: plan_for(mode) for mode in MODES}
         self.sessions = {mode: adapter.session(unet, layers, mode) for mode in MODES}
         self.steps = Counter()
         self.last_hook_ms = 0.0
@@ -214,7 +226,7 @@ class Runner:
             _sync(self.device)
             start = time.perf_counter()
             if session is not None:
-                session.begin_step(self.steps[mode], self.plan)
+                session.begin_step(self.steps[mode], self.plans[mode])
             begin_ms = (time.perf_counter() - start) * 1000.0
             out = self.call()
             _sync(self.device)
@@ -231,7 +243,7 @@ class Runner:
         session = self.sessions[mode]
         with self.hooked(mode), torch.no_grad(), counter:
             if session is not None:
-                session.begin_step(self.steps[mode], self.plan)
+                session.begin_step(self.steps[mode], self.plans[mode])
             self.call()
 
     def close(self) -> None:
@@ -475,6 +487,7 @@ def measure_size(runner: Runner, repeats: int, plan: Optional[Callable[[float], 
     result.update({f"{mode}_ratio": paired(mode, "plain") for mode in MODES[1:]})
     for kind in ("soft", "hard"):
         result[f"three_vs_one_region_{kind}"] = paired(f"three_region_{kind}", "one_region")
+    result["two_characters_vs_three_regions"] = paired("two_characters", "three_region_soft")
     result["hook_ms"] = {mode: round(_median(hook_ms[mode]), 3) for mode in MODES[1:]}
     result["in_step_ratios"] = {mode: round(_median(in_step[mode]), 4) for mode in MODES[1:]}
     result["repeats"] = len(times["plain"])
@@ -639,6 +652,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "three_region_hard_ratio": head["three_region_hard_ratio"],
         "three_vs_one_region_soft": head["three_vs_one_region_soft"],
         "three_vs_one_region_hard": head["three_vs_one_region_hard"],
+        "two_characters_ratio": head["two_characters_ratio"],
+        "two_characters_vs_three_regions": head["two_characters_vs_three_regions"],
         "in_step_ratios": head["in_step_ratios"],
         "hook_ms": head["hook_ms"],
         "projections_recomputed": sum(r["projections_recomputed"] for r in per_size.values()),
@@ -682,6 +697,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "in_step_three_vs_one_region": max(head["in_step_ratios"]["three_region_soft"],
                                            head["in_step_ratios"]["three_region_hard"])
         <= GOALS["three_vs_one_region"] * head["in_step_ratios"]["one_region"],
+        # two characters x three regions against one character's three, each step against itself
+        "in_step_two_characters_vs_three_regions": head["in_step_ratios"]["two_characters"]
+        <= GOALS["two_characters_vs_three_regions"] * head["in_step_ratios"]["three_region_soft"],
     }
     print(json.dumps(report), flush=True)
     return report

@@ -137,7 +137,7 @@ def test_elem_ids_unique_and_prefixed_across_both_tabs():
     assert len(ours) == len(ids)  # nothing unprefixed, no gradio defaults left over
     assert "charadapter_txt2img_accordion" in ids and "charadapter_img2img_refresh" in ids
     rows = [b for b in demo.blocks.values() if "charadapter-region-row" in (getattr(b, "elem_classes", None) or [])]
-    assert len(rows) == 8
+    assert len(rows) == 2 * 3 * 4  # two WebUI tabs, three character tabs, four region rows each
 
 
 def test_encoder_dropdown_shows_auto_for_empty():
@@ -160,12 +160,15 @@ def test_refresh_button_rescans_and_updates_both_dropdowns():
     assert button.value == "\U0001f504" and "tool" in button.elem_classes
     index, dep = next((i, d) for i, d in enumerate(demo.dependencies) if button._id in d["targets"])
     assert dep["trigger"] == "click" and dep["inputs"] == []
-    assert dep["outputs"] == [c["model"]._id, c["encoder"]._id]
-    model_update, encoder_update = demo.fns[index].fn()
-    assert calls["refresh"] == 1
-    assert model_update["choices"] == ["new.safetensors"] and "value" not in model_update
-    assert encoder_update["choices"] == ["Auto", "clip_g.pth"]
-    assert c["model"].choices == ["new.safetensors"] and c["encoder"].choices == ["Auto", "clip_g.pth"]
+    pairs = [(c[f"{prefix}model"], c[f"{prefix}encoder"]) for prefix in ("", "character2_", "character3_")]
+    assert dep["outputs"] == [d._id for pair in pairs for d in pair]  # every tab's lists
+    updates = demo.fns[index].fn()
+    assert calls["refresh"] == 1 and len(updates) == 6
+    for model_update, encoder_update in zip(updates[::2], updates[1::2]):
+        assert model_update["choices"] == ["new.safetensors"] and "value" not in model_update
+        assert encoder_update["choices"] == ["Auto", "clip_g.pth"]
+    for model, encoder in pairs:
+        assert model.choices == ["new.safetensors"] and encoder.choices == ["Auto", "clip_g.pth"]
 
 
 # ---------------------------------------------------------------- infotext
@@ -208,7 +211,7 @@ def _after_paste(comps, values):
 def test_infotext_round_trip():
     _, (comps,), _ = build()
     fields = ui.infotext_fields(comps)
-    original = Params(
+    original = Params.single(
         enabled=True, model="ip-adapter-plus_sd15.safetensors", encoder="", weight=1.15, start=0.1, end=0.85,
         fusion="hard", temperature=0.35, background=0.25, timestep=500, crop="box",
         regions=(Region("hat", "red hat", 1.2), Region("face", "face", 0.9), Region("jeans, torn", "jeans", 0.5)),
@@ -224,7 +227,7 @@ def test_infotext_round_trip():
 
 def test_infotext_with_named_encoder_and_one_region():
     _, (comps,), _ = build("img2img")
-    original = Params(enabled=True, model="m.safetensors", encoder="clip_h.pth", regions=(Region("face", "her face", 1.0),)).validated()
+    original = Params.single(enabled=True, model="m.safetensors", encoder="clip_h.pth", regions=(Region("face", "her face", 1.0),)).validated()
     values = _paste(ui.infotext_fields(comps), _infotext(original.to_infotext("abc")))
     assert Params.from_args(_after_paste(comps, values)) == original
 

@@ -9,20 +9,18 @@ calls (host.py, prompts.py, reference_pass.py), so this file imports without the
 import logging
 import traceback
 import weakref
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 
-from ..checkpoint import IPAdapterWeights
 from ..errors import CharacterAdapterError
-from ..fusion import FusionConfig, FusionSession
+from ..fusion import CharacterTokens, FusionConfig, FusionSession
 from ..hooks import HookSession, MarkedHook, clear_stale
 from ..layers import check_adapter_layers, find_attn2_layers
-from ..params import Params
+from ..params import Character, Params
 from .host import check_architecture, unet_of
 from .prompts import PhraseFinder, row_plan
-from .reference_pass import Reference, ResolveModel, prepare
+from .reference_pass import Prepared, ResolveModel, prepare
 from .rows import RowCheck
 from .show_masks import show_masks
 from .xyz import cell_overrides
@@ -30,21 +28,42 @@ from .xyz import cell_overrides
 log = logging.getLogger("character_adapter")
 
 
+def several(params: Params) -> bool:
+    """Two or more characters: their subject phrases share the image out among them."""
+    return len(params.characters) > 1
+
+
+def character_label(params: Params, character: Character) -> str:
+    """"Character 2: " where it matters which character a message is about, else ""."""
+    return f"{character.label}: " if several(params) or character.unit > 1 else ""
+
+
+def map_phrases(params: Params) -> PhraseFinder:
+    """The phrases whose maps make the layout, in FusionSession's column order: every character's
+    region phrases, then (two or more characters) each one's subject phrase."""
+    phrases, roles = [], []
+    for character in params.characters:
+        for region in character.regions:
+            phrases.append(region.phrase)
+            roles.append(f"{character_label(params, character)}region '{region.reference_phrase}'")
+    if several(params):
+        for character in params.characters:
+            phrases.append(character.subject)
+            roles.append(f"the subject of {character.label}")
+    return PhraseFinder(tuple(phrases), tuple(roles))
+
+
 class Generation:
     """Per-generation state of one script instance (one tab): never stored on `p` or modules."""
 
-    def __init__(self, params: Params, weights: IPAdapterWeights, reference: Reference, image_hash: str,
-                 image: Image.Image):
+    def __init__(self, params: Params, prepared: Sequence[Prepared]):
         self.params = params
-        self.image = image
-        self.weights = weights
-        self.reference = reference
-        self.image_hash = image_hash
+        self.prepared = list(prepared)  # one per character, in params.characters order
         self.fusion: Optional[FusionSession] = None
         self.row_check: Optional[RowCheck] = None
         self.p: Any = None
         self.hires = False
-        self.phrases = PhraseFinder(tuple(r.phrase for r in params.regions))
+        self.phrases = map_phrases(params)
 
     def remove_hooks(self) -> None:
         """Remove the fusion hooks and the row check; safe to call twice."""
@@ -84,24 +103,27 @@ class Controller:
             return self._report(p)
         if not params.enabled:
             return None
-        try:
-            prepared = prepare(p, params, self.resolve_model)
-            self.generation = Generation(params, prepared.weights, prepared.reference, prepared.image_hash,
-                                         prepared.image)
-        except CharacterAdapterError as err:
-            self.error = str(err)
-            return self._report(p)
-        except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
-            self._fail("preparing the reference", err)
-            return self._report(p)
-        gen = self.generation
-        p.extra_generation_params.update(params.to_infotext(gen.image_hash))
-        for name in gen.reference.empty_regions:
-            p.comment(f"Character-Adapter: region '{name}' was not found in the reference; "
-                      f"its crop is the whole image.")
-        if gen.image.info.get("frames", 1) > 1:
-            p.comment(f"Character-Adapter: the reference is animated ({gen.image.info['frames']} frames); "
-                      f"its first frame is used.")
+        prepared: List[Prepared] = []
+        for character in params.characters:  # each reference segmented and encoded once (cached)
+            label = character_label(params, character)
+            try:
+                prepared.append(prepare(p, params, character, self.resolve_model))
+            except CharacterAdapterError as err:
+                self.error = _labelled(str(err), label)
+                return self._report(p)
+            except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
+                self._fail(f"preparing the reference{' of ' + character.label if label else ''}", err)
+                return self._report(p)
+        self.generation = Generation(params, prepared)
+        p.extra_generation_params.update(params.to_infotext([done.image_hash for done in prepared]))
+        for character, done in zip(params.characters, prepared):
+            label = character_label(params, character)
+            for name in done.reference.empty_regions:
+                p.comment(f"Character-Adapter: {label}region '{name}' was not found in the reference; "
+                          f"its crop is the whole image.")
+            if done.image.info.get("frames", 1) > 1:
+                p.comment(f"Character-Adapter: {label}the reference is animated ({done.image.info['frames']} "
+                          f"frames); its first frame is used.")
         return None
 
     def _report(self, p) -> None:
@@ -167,23 +189,17 @@ class Controller:
         gen = self.generation
         if gen is None or unet is None:
             return None
-        check_architecture(p.sd_model, gen.weights)
         layers = find_attn2_layers(unet)
-        check_adapter_layers(layers, gen.weights.layers, gen.weights.source)
+        for done in gen.prepared:
+            check_architecture(p.sd_model, done.weights)
+            check_adapter_layers(layers, done.weights.layers, done.weights.source)
         previous = gen.fusion
         if previous is not None and previous.unet is not unet:
             gen.remove_hooks()  # hires checkpoint: a different UNet
             previous = None
         if previous is None:
-            params = gen.params
-            config = FusionConfig(
-                weight=params.weight, region_weights=tuple(r.weight for r in params.regions),
-                start=params.start, end=params.end, mode=params.fusion,
-                temperature=params.temperature, background=params.background,
-            )
-            ip = [(k.float(), v.float()) for k, v in gen.weights.layers]
-            gen.fusion = FusionSession(unet, layers, ip, gen.reference.tokens.cond,
-                                       gen.reference.tokens.negative, config)
+            first, *others = character_tokens(gen.params, gen.prepared)
+            gen.fusion = FusionSession(unet, layers, *first, others=others)
             gen.fusion.install()
             gen.row_check = RowCheck(unet, layers, gen.fusion.state).install()
         gen.p = p
@@ -237,7 +253,7 @@ class Controller:
         gen = self.generation
         try:
             if gen is not None and gen.params.show_masks:
-                show_masks(gen.p, processed, gen.image, gen.reference, gen.fusion)
+                show_masks(gen.p, processed, gen.params, gen.prepared, gen.fusion)
         finally:
             self.end()
 
@@ -255,3 +271,28 @@ class Controller:
                     hooks.remove()
             finally:
                 self._drop_guard()
+
+
+def _labelled(message: str, label: str) -> str:
+    """An error message with the character it is about: "Character-Adapter: Character 2: ..."."""
+    prefix = "Character-Adapter: "
+    if not label:
+        return message
+    return prefix + label + (message[len(prefix):] if message.startswith(prefix) else message)
+
+
+def character_tokens(params: Params, prepared: Sequence[Prepared]) -> List[CharacterTokens]:
+    """Each character's adapter weights, tokens and fusion settings, for FusionSession."""
+    fp32: Dict[int, list] = {}  # one float copy per adapter, however many characters use it
+    found = []
+    for character, done in zip(params.characters, prepared):
+        ip = fp32.get(id(done.weights))
+        if ip is None:
+            ip = fp32[id(done.weights)] = [(k.float(), v.float()) for k, v in done.weights.layers]
+        config = FusionConfig(
+            weight=character.weight, region_weights=tuple(r.weight for r in character.regions),
+            start=character.start, end=character.end, mode=params.fusion,
+            temperature=params.temperature, background=params.background, subject=several(params),
+        )
+        found.append(CharacterTokens(ip, done.reference.tokens.cond, done.reference.tokens.negative, config))
+    return found

@@ -67,15 +67,16 @@ def share_rows(texts: List[List[str]], cond_rows: int) -> List[List[str]]:
 
 @dataclass
 class PhraseFinder:
-    """Per generation: the region phrases' token groups in each prompt text met so far, and the
+    """Per generation: the mapped phrases' token groups in each prompt text met so far, and the
     phrases already reported missing (each once)."""
 
-    phrases: Tuple[str, ...]  # the regions' generation phrases, in region order
+    phrases: Tuple[str, ...]  # the map columns' phrases: regions' generation phrases, then subjects
+    roles: Tuple[str, ...] = ()  # what each phrase locates, for messages ("the subject of Character 2"); () = regions
     found: Dict[str, TokenGroups] = field(default_factory=dict)
     missing: Set[str] = field(default_factory=set)
 
     def groups(self, sd_model, text: str) -> TokenGroups:
-        """Token positions of each region's generation phrase in `text` (host tokenizer)."""
+        """Token positions of each mapped phrase in `text` (host tokenizer)."""
         groups = self.found.get(text)
         if groups is None:
             groups = self.found[text] = phrase_groups(sd_model, text, self.phrases)
@@ -85,10 +86,17 @@ class PhraseFinder:
         """Once per phrase: a region phrase missing from an image's prompt. With AND, the layout
         is read from the rows with the first sub-prompt's positions (FusionSession), so that
         sub-prompt must hold it."""
-        for phrase, positions in zip(self.phrases, first):
+        roles = self.roles or ("region",) * len(self.phrases)
+        for phrase, role, positions in zip(self.phrases, roles, first):
             if positions or phrase in self.missing:
                 continue
             self.missing.add(phrase)
+            if role.startswith("the subject of "):
+                p.comment(
+                    f"Character-Adapter: '{phrase}' ({role}) is not in the prompt (with AND: in its first "
+                    f"part), so that character's figure cannot be told from the others'; add the phrase "
+                    f"to the prompt or change the subject.")
+                continue
             p.comment(
                 f"Character-Adapter: '{phrase}' is not in the prompt (with AND: in its first "
                 f"part), so that region cannot be located in the image and gets almost no weight; add "

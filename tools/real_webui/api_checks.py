@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from charadapter.params import ARG_NAMES  # noqa: E402
+from charadapter.params import ARG_NAMES_ONE  # noqa: E402
 
 TITLE = "Character-Adapter"
 ADAPTER = "ip-adapter_sd15.safetensors"
@@ -27,19 +27,37 @@ TINY = dict(prompt=PROMPT, negative_prompt="blurry", width=64, height=64, steps=
             cfg_scale=5, seed=1234, batch_size=1, n_iter=1)
 
 
-def reference_png(width=192, height=320) -> str:
-    """A character-like picture: skin-coloured head, red jacket, blue trousers on grey."""
+def reference_png(width=192, height=320, jacket=(200, 30, 30), trousers=(30, 40, 160)) -> str:
+    """A character-like picture: skin-coloured head, a jacket, trousers on grey."""
     img = Image.new("RGB", (width, height), (128, 128, 128))
     d = ImageDraw.Draw(img)
     d.ellipse((width * 0.35, height * 0.03, width * 0.65, height * 0.22), fill=(230, 190, 160))
-    d.rectangle((width * 0.25, height * 0.23, width * 0.75, height * 0.55), fill=(200, 30, 30))
-    d.rectangle((width * 0.3, height * 0.55, width * 0.7, height * 0.97), fill=(30, 40, 160))
+    d.rectangle((width * 0.25, height * 0.23, width * 0.75, height * 0.55), fill=jacket)
+    d.rectangle((width * 0.3, height * 0.55, width * 0.7, height * 0.97), fill=trousers)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def pose_png(size=64) -> str:
+    """An OpenPose-style map with two skeletons (left and right), white limbs on black."""
+    img = Image.new("RGB", (size, size), (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    for cx in (0.27, 0.73):
+        x = cx * size
+        d.ellipse((x - 4, size * 0.08, x + 4, size * 0.2), outline=(255, 255, 255))
+        d.line((x, size * 0.2, x, size * 0.6), fill=(255, 255, 255))
+        d.line((x - 9, size * 0.3, x + 9, size * 0.3), fill=(255, 255, 255))
+        d.line((x, size * 0.6, x - 6, size * 0.95), fill=(255, 255, 255))
+        d.line((x, size * 0.6, x + 6, size * 0.95), fill=(255, 255, 255))
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
 REF = reference_png()
+REF2 = reference_png(jacket=(180, 180, 190), trousers=(90, 60, 30))
+TWO_PROMPT = "a girl on the left and a knight on the right, face, upper body, lower body"
 
 
 def unit(**kw):
@@ -56,7 +74,7 @@ def positional(**kw):
                   region3_reference_phrase="lower body", region3_phrase="blue jeans", region3_weight=1.0,
                   region4_reference_phrase="", region4_phrase="", region4_weight=1.0)
     values.update(kw)
-    return [values[name] for name in ARG_NAMES]
+    return [values[name] for name in ARG_NAMES_ONE]  # the single-character panel's 25 values: still accepted
 
 
 def txt2img(args=None, **kw):
@@ -149,6 +167,16 @@ CASES = {
         txt2img([unit(show_masks=True)], enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
                 hr_second_pass_steps=1, denoising_strength=0.6), [controlnet_unit()]),
     "controlnet_only": lambda: with_controlnet(txt2img(), [controlnet_unit()]),
+    "two_characters": lambda: txt2img([unit(subject="girl", show_masks=True), unit(image=REF2, subject="knight")],
+                                      prompt=TWO_PROMPT),
+    "two_characters_pose": lambda: with_controlnet(
+        txt2img([unit(subject="girl"), unit(image=REF2, subject="knight", model=ADAPTER_PLUS)], prompt=TWO_PROMPT),
+        [controlnet_unit(image=pose_png())]),
+    "two_characters_shared_differs": lambda: txt2img([unit(subject="girl"), unit(image=REF2, subject="knight",
+                                                                                  fusion="hard")], prompt=TWO_PROMPT),
+    "two_characters_no_subject": lambda: txt2img([unit(subject="girl"), unit(image=REF2)], prompt=TWO_PROMPT),
+    "xyz_character2_weight": xyz("[Character-Adapter] Character 2 weight", "0, 1.2",
+                                 args=[unit(subject="girl"), unit(image=REF2, subject="knight")], prompt=TWO_PROMPT),
     "bin_newtorch": lambda: txt2img([unit(model="ip-adapter_sd15_newtorch.bin", regions=[])]),
     "bin_oldzip": lambda: txt2img([unit(model="ip-adapter_sd15_oldzip.bin", regions=[])]),
     "bad_model": lambda: txt2img([unit(model="nope.safetensors")]),
