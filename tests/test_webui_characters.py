@@ -328,3 +328,50 @@ def test_paste_puts_each_character_in_its_tab(host):
     assert isinstance(cleared, dict) and "value" in cleared and cleared["value"] is None
     assert got["Character-Adapter reference image"] is None  # a used tab keeps its image
     assert got["Character-Adapter 2 subject"] is None  # the rest of an unused tab is left alone
+
+
+# ---------------------------------------------------------------- a 4-token and a 16-token adapter
+
+
+def tiny_plus_adapter(layers):
+    """A tiny IP-Adapter Plus: a Resampler (one 64-wide head, as the published files have) giving 16
+    tokens from the tiny encoder's 32-wide hidden states, and its own to_k_ip / to_v_ip."""
+    from charadapter.checkpoint import AdapterSpec, IPAdapterWeights
+    from fake_weights import Filler, resampler_state
+    from tiny_sd import TINY_CONTEXT_DIM
+
+    filler = Filler(seed=21)
+    image_proj = resampler_state(in_dim=32, dim=32, out_dim=TINY_CONTEXT_DIM, num_queries=16, depth=1, heads=1,
+                                 dim_head=64, ff_mult=2, f=filler)
+    gen = torch.Generator().manual_seed(22)
+    kv = [(torch.randn(l.inner_dim, TINY_CONTEXT_DIM, generator=gen) * 0.3,
+           torch.randn(l.inner_dim, TINY_CONTEXT_DIM, generator=gen) * 0.3) for l in layers]
+    spec = AdapterSpec(variant="sd15_plus", arch="sd15", plus=True, num_tokens=16, context_dim=TINY_CONTEXT_DIM,
+                       clip_dim=32, encoder="ViT-H-14", num_layers=len(layers), projection="resampler")
+    return IPAdapterWeights(spec=spec, image_proj=image_proj, layers=kv, source="tiny-plus")
+
+
+def test_a_base_and_a_plus_adapter_in_one_generation(host, sd_model, monkeypatch):
+    """Character 1 with 4 tokens, character 2 with 16: one batched term (the 4 tokens repeated)."""
+    from charadapter.layers import find_attn2_layers
+    from charadapter.webui import caches as ca_caches
+
+    runner, script = host
+    ca_caches.ADAPTER_CACHE.put("tiny-plus", tiny_plus_adapter(find_attn2_layers(sd_model.model.diffusion_model)))
+    monkeypatch.setattr(script.hooks.controller, "resolve_model",
+                        lambda kind, name: "tiny-encoder" if kind == "encoder" else name)
+    tokens = []
+    original = script.hooks.controller._begin_pass
+
+    def spy(p, x):
+        original(p, x)
+        gen = script.hooks.controller.generation
+        tokens.append(gen.fusion.state.kv[0][0].shape)
+
+    monkeypatch.setattr(script.hooks.controller, "_begin_pass", spy)
+    _, mixed, error = run(runner, script, per_unit={2: dict(model="tiny-plus")})
+    assert error is None and no_errors()
+    assert tokens[-1][:3] == (6, 2, 16)  # (pairs, token sets, tokens)
+    _, base_only, _ = run(runner, script)
+    assert not torch.equal(pixels(mixed), pixels(base_only))
+    assert ours(sd_model.model.diffusion_model) == 0
