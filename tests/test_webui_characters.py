@@ -126,15 +126,16 @@ def test_a_tab_without_an_image_is_off(host, sd_model):
     assert torch.equal(pixels(alone), pixels(today))
 
 
-def test_batch_hires_and_and_with_two_characters(host, sd_model, monkeypatch):
+@pytest.mark.parametrize("count", [2, 3])
+def test_batch_hires_and_and(host, sd_model, monkeypatch, count):
     runner, script = host
     layouts = layout_spy(script, monkeypatch)
-    _, processed, error = run(runner, script, batch_size=2, enable_hr=True, hr_scale=2, hr_upscaler="Latent",
-                              denoising_strength=0.5, hr_second_pass_steps=2,
-                              prompt="a girl AND a knight, face, upper body, lower body")
+    _, processed, error = run(runner, script, count=count, batch_size=2, enable_hr=True, hr_scale=2,
+                              hr_upscaler="Latent", denoising_strength=0.5, hr_second_pass_steps=2,
+                              prompt="a girl, a knight, a dog AND a knight, face, upper body, lower body")
     assert error is None and no_errors()
     assert len(processed.images) == 2 and processed.images[0].size == (128, 128)
-    assert layouts[-1][1].shape == (2, 7, 16 * 16)  # the hires pass's grid, two images
+    assert layouts[-1][1].shape == (2, 3 * count + 1, 16 * 16)  # the hires pass's grid, two images
     assert ours(sd_model.model.diffusion_model) == 0
 
 
