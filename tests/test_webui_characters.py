@@ -376,3 +376,33 @@ def test_a_base_and_a_plus_adapter_in_one_generation(host, sd_model, monkeypatch
     _, base_only, _ = run(runner, script)
     assert not torch.equal(pixels(mixed), pixels(base_only))
     assert ours(sd_model.model.diffusion_model) == 0
+
+
+def test_settings_choose_how_many_tabs(host):
+    """Settings → Character-Adapter → character tabs, read when the UI is built (Reload UI)."""
+    import os
+
+    from charadapter.webui import settings as ca_settings
+    from modules import shared
+    from webui_host import ROOT
+
+    runner, script = host
+    assert script.args_to - script.args_from == 64  # the default: 3 tabs
+    script_callbacks_module = __import__("modules.script_callbacks", fromlist=["ui_settings_callback"])
+    script_callbacks_module.ui_settings_callback()  # the WebUI builds its Settings page
+    info = shared.opts.data_labels[ca_settings.SETTING_UNITS]
+    assert info.default == 3 and info.component_args == {"minimum": 1, "maximum": 8, "step": 1}
+    for units, count in ((1, 26), (2, 45)):
+        shared.opts.data[ca_settings.SETTING_UNITS] = units
+        scripts.load_scripts([(ROOT, os.path.join(ROOT, "scripts", "character_adapter.py"))])
+        runner = scripts.scripts_txt2img
+        runner.build_ui(is_img2img=False)
+        (script,) = [s for s in runner.alwayson_scripts if s.title() == "Character-Adapter"]
+        assert script.args_to - script.args_from == count
+        assert len(script.paste_field_names) == count
+    shared.opts.data[ca_settings.SETTING_UNITS] = "nonsense"
+    assert ca_settings.character_units() == 3
+    for key in (ca_settings.SETTING_UNITS, ca_settings.SETTING_EXTRA_FOLDERS, ca_settings.SETTING_SEGMENTATION_CACHE,
+                ca_settings.SETTING_ADAPTERS_LOADED):
+        shared.opts.data_labels.pop(key, None)
+        shared.opts.data.pop(key, None)
