@@ -8,7 +8,7 @@ from PIL import Image
 
 from .checkpoint import IPAdapterWeights
 from .clip_vision import encode_images, encoder_name, feature_dim, negative_features, preprocess_images
-from .errors import CheckpointError
+from .errors import MismatchError
 from .projection import build_image_projection
 
 
@@ -27,13 +27,13 @@ class RegionEncoder:
         expected = weights.spec.encoder
         found = encoder_name(clip_model)
         if found is not None and found != expected:
-            raise CheckpointError(
+            raise MismatchError(
                 f"{weights.source} needs the {expected} image encoder, but the chosen encoder is {found}"
             )
         width = feature_dim(clip_model, weights.spec.plus)
         if width != weights.spec.clip_dim:  # an encoder of unknown shape, or a fine-tune of another width
             what = "hidden states" if weights.spec.plus else "image embeds"
-            raise CheckpointError(
+            raise MismatchError(
                 f"{weights.source} takes {weights.spec.clip_dim}-wide CLIP {what} ({expected}), but the "
                 f"chosen image encoder gives {width}-wide ones: choose the encoder the adapter was trained with"
             )

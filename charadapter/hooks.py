@@ -204,6 +204,10 @@ class RegionState:
         """UNet entry: forget the last call's maps and coefficients."""
         self.latent_hw = latent_hw
         self.batch = batch
+        self.clear_call()
+
+    def clear_call(self) -> None:
+        """Drop what the last UNet call left: its maps (on the device) and coefficients."""
         self.maps.clear()
         self.grid_maps.clear()
         self._pending.clear()

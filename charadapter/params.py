@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .errors import CharacterAdapterError, ImageInputError
+from .errors import ImageInputError, InputError
 from .images import decode_base64, load_image
 
 MAX_REGIONS = 4
@@ -29,7 +29,7 @@ RANGES = {
 Naming = Callable[[str], str]  # a field's name as the user should read it in a message
 
 
-class ParamError(CharacterAdapterError):
+class ParamError(InputError):
     """A setting is missing, of the wrong type or out of range; `field` names it."""
 
     def __init__(self, field_name: str, message: str):

@@ -5,7 +5,8 @@ captures the text cross-attention maps of the region phrases through forward hoo
 map layers, and turns them into masks and crops (charadapter.segmentation).
 """
 
-from typing import Callable, List, Optional, Sequence, Tuple
+import math
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,8 +65,11 @@ def capture_region_maps(
                         token_groups=[list(g) for g in token_groups], after_call=keep_maps, add_term=False)
     session = HookSession(root=unet)
     plan_region_hooks(session, unet, layers, state)
-    with session, torch.no_grad():
-        run_unet()
+    try:
+        with session, torch.no_grad():
+            run_unet()
+    finally:
+        state.clear_call()  # the maps on the device: what is needed was copied out
     if len(recorded) != len(chosen):
         raise CharacterAdapterError(
             f"the segmentation pass recorded maps on {len(recorded)} of {len(chosen)} attention layers"
@@ -91,22 +95,38 @@ def segment_reference(
     return masks_from_maps(maps, threshold=threshold), maps
 
 
-def fit_for_encoding(size: Tuple[int, int], short_side: int, multiple: int = 64,
-                     max_long_side: Optional[int] = None) -> Tuple[int, int]:
-    """(W, H) to encode an image at: short side ~ `short_side`, aspect kept, multiples of 64."""
+# pixels of the reference pass per model family: SD1.5 at its native 512x512; SDXL at half its
+# native 1024x1024, where the map grid loses next to nothing and the pass needs half the memory
+# (README "Reference pass"; python -m charadapter.bench_pass, python -m toyworld.pass_size)
+PASS_AREA = {"sd15": 512 * 512, "sdxl": 1024 * 1024 // 2}
+PASS_MULTIPLE = 64  # pixels: a latent side divisible by 8, as the UNet's three halvings need
+MAX_PASS_ASPECT = 4.0  # long side / short side of the pass; a thinner reference is squeezed to it
+
+
+def pass_size(size: Tuple[int, int], area: int, multiple: int = PASS_MULTIPLE,
+              max_aspect: float = MAX_PASS_ASPECT) -> Tuple[int, int]:
+    """(W, H) of the reference pass: at most `area` pixels, sides multiples of `multiple`, the
+    image's aspect clamped to 1:max_aspect .. max_aspect:1; among the sizes that fit, the one
+    closest in aspect, then in area (an aspect error counts twice an area shortfall)."""
     width, height = size
-    scale = short_side / min(width, height)
-    long_cap = max_long_side or short_side * 2
-    scale = min(scale, long_cap / max(width, height))
+    if width <= 0 or height <= 0 or area < multiple * multiple:
+        raise CharacterAdapterError(f"cannot size a {width}x{height} reference pass to {area} pixels")
+    aspect = min(max(width / height, 1.0 / max_aspect), max_aspect)
+    longest = int(math.sqrt(area * max_aspect)) // multiple * multiple  # a side of the thinnest pass
+    sides = range(multiple, max(longest, multiple) + 1, multiple)
+    best, best_cost = (multiple, multiple), math.inf
+    for w in sides:
+        for h in sides:
+            if w * h > area:
+                break
+            cost = abs(math.log(w / h / aspect)) + 0.5 * math.log(area / (w * h))
+            if cost < best_cost:
+                best, best_cost = (w, h), cost
+    return best
 
-    def snap(v: float) -> int:
-        return max(multiple, int(round(v / multiple)) * multiple)
 
-    return snap(width * scale), snap(height * scale)
-
-
-def encoding_pixels(image: Image.Image, short_side: int) -> torch.Tensor:
-    """The reference as the VAE takes it: (1, 3, H, W) in [-1, 1] at fit_for_encoding's size."""
-    width, height = fit_for_encoding(image.size, short_side)
+def pass_pixels(image: Image.Image, area: int) -> torch.Tensor:
+    """The reference as the VAE takes it: (1, 3, H, W) in [-1, 1] at pass_size's size."""
+    width, height = pass_size(image.size, area)
     pixels = np.asarray(image.resize((width, height), Image.LANCZOS), dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(pixels).permute(2, 0, 1)[None]  # (H, W, 3) -> (1, 3, H, W)

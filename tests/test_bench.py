@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from charadapter import bench
 
@@ -82,3 +83,35 @@ def test_flags_are_checked():
         bench.parse_args(["--repeats", "0"])
     args = bench.parse_args(["--quick"])
     assert args.sizes == [8, 16] and args.threads == 1 and args.device in ("cpu", "cuda")
+
+
+# ---- charadapter.bench_pass: the reference pass's cost and what its size loses ------------------
+
+
+def test_pass_cost_counts_the_area_on_the_meta_device():
+    """Twice the area, about twice the working memory and work (VAE encoder and UNet call)."""
+    from charadapter import bench_pass
+
+    with torch.device("meta"):
+        unet = bench._import_unet()(**bench.TINY)
+    unet = unet.eval().requires_grad_(False)
+    layers = bench_pass.find_attn2_layers(unet)
+    vae = bench_pass.meta_vae()
+    with bench_pass.blocked_attention():
+        square = bench_pass.pass_cost(unet, layers, vae, (256, 256), bench.TINY["context_dim"])
+        tall = bench_pass.pass_cost(unet, layers, vae, (256, 512), bench.TINY["context_dim"])
+    for key, most in (("vae_gib", 2.3), ("vae_gflop", 2.3), ("unet_gib", 2.3), ("unet_gflop", 3.0)):
+        # self-attention grows with the square of the area: at width 32 it is much of the UNet's work
+        assert square[key] > 0 and 1.7 <= tall[key] / square[key] <= most, (key, square, tall)
+
+
+def test_pass_grid_loss_grows_as_the_pass_shrinks():
+    from charadapter import bench_pass
+
+    truth = bench_pass.synthetic_figure((512, 1024))
+    assert truth.shape == (3, 1024, 512) and not (truth[0] & truth[1]).any() and truth.any(axis=(1, 2)).all()
+    native = bench_pass.grid_loss((1024, 2048), 1024 * 1024 // 2)
+    tiny = bench_pass.grid_loss((1024, 2048), 1024 * 1024 // 64)
+    assert native["pass"] == "512x1024" and native["iou"] > tiny["iou"] + 0.1
+    assert native["edge_pct"] < 1.0 < tiny["edge_pct"]
+    assert bench_pass.former_size((256, 512), 1024) == (1024, 2048)  # what a 1:2 reference got on SDXL

@@ -187,3 +187,22 @@ def test_the_generation_judge_scores_true_renders_high_and_other_characters_low(
     assert same["regions_ok"] >= 0.9 and same["background"] == 1.0 and same["position"] == 1.0
     assert same["bleed"] <= 0.05
     assert other["regions_ok"] <= 0.5
+
+
+@weights_needed
+def test_a_smaller_reference_pass_loses_what_its_grid_explains():
+    """toyworld.pass_size (README "Reference pass"): at a quarter of the toy's native area the masks
+    lose about what ideal maps on the same grid lose (48 references, T 150: -0.215 vs -0.219), so
+    the grid, not the model's attention, sets how small a pass can be."""
+    from toyworld import pass_size
+    from toyworld.evaluate import MAP_LEVELS, TextWorld
+    from toyworld.model import WEIGHTS, load_sd
+
+    world = TextWorld(load_sd(WEIGHTS), MAP_LEVELS)
+    samples = data.held_out(8)
+    native, _ = pass_size.per_reference(world, samples, data.SIZE, 150)
+    small, _ = pass_size.per_reference(world, samples, data.SIZE // 2, 150)
+    drop = small.mean() - native.mean()
+    grid_drop = pass_size.oracle(samples, data.SIZE // 2).mean() - pass_size.oracle(samples, data.SIZE).mean()
+    assert drop < -0.1 and grid_drop < -0.1
+    assert abs(drop - grid_drop) < 0.1, (drop, grid_drop)

@@ -164,26 +164,138 @@ MALFORMED = [
 ]
 
 
-def test_malformed_requests_fail_and_name_their_field(client, monkeypatch, sd_model):
+def our_log(caplog):
+    """(level, message, exc_info) of every record our logger wrote."""
+    return [(r.levelname, r.getMessage(), r.exc_info) for r in caplog.records if r.name == "character_adapter"]
+
+
+def assert_refused(response, field, caplog, capsys, what):
+    """A refused input: 422, the message naming the field, nothing generated, one plain log line."""
+    body = response.json()
+    problems = []
+    if response.status_code != 422 or "images" in body:
+        problems.append((what, response.status_code, body))
+    elif body["error"] != "CharacterAdapterError" or f"Character-Adapter: {field}:" not in body["errors"] \
+            or body["detail"] != body["errors"]:
+        problems.append((what, body))
+    logged = our_log(caplog)
+    if len(logged) != 1 or logged[0][0] != "ERROR" or logged[0][2] or "\n" in logged[0][1] \
+            or f"Character-Adapter: {field}:" not in logged[0][1]:
+        problems.append((what, "log", logged))
+    if [m for kind, m in errors.reported if kind == "report"]:
+        problems.append((what, "the host reported it", errors.reported[:]))
+    if "Traceback" in capsys.readouterr().err:
+        problems.append((what, "a traceback was printed"))
+    caplog.clear()
+    errors.reported.clear()
+    return problems
+
+
+def test_malformed_requests_answer_422_naming_their_field_with_one_log_line(client, monkeypatch, sd_model, caplog,
+                                                                            capsys):
     """One client for all cases (each request fails at the first UNet call, so this stays cheap)."""
     opened = []
     monkeypatch.setattr(ca_reference_pass, "load_ip_adapter", lambda path: opened.append(path))
     image = b64_png(reference_image())
     unet = sd_model.model.diffusion_model
     problems = []
+    capsys.readouterr()
+    caplog.clear()
+    errors.reported.clear()
     for override, field in MALFORMED:
         response = txt2img(client, [{**GOOD, "image": image, **override}])
-        body = response.json()
-        if response.status_code != 500 or "images" in body:  # nothing may be generated without the adapter
-            problems.append((override, response.status_code, "generated"))
-        elif body["error"] != "CharacterAdapterError" or f"Character-Adapter: {field}:" not in body["errors"]:
-            problems.append((override, body))
-        elif ours(unet) != 0:  # the failed run leaves nothing on the model
+        problems += assert_refused(response, field, caplog, capsys, override)
+        if ours(unet) != 0:  # the failed run leaves nothing on the model
             problems.append((override, "hooks", ours(unet)))
     assert not problems, problems
     assert opened == []  # no model file was opened: names are looked up in the listing, never joined into paths
     assert txt2img(client, []).status_code == 200
     assert ours(unet) == 0
+
+
+def test_a_failure_that_is_not_the_callers_fault_stays_500_with_its_traceback(client, monkeypatch, caplog, capsys):
+    """Our bug (here: an error inside the segmentation pass) or an out-of-memory: 500, traceback logged
+    by us and by the host's handler, as for any other failure."""
+    image = b64_png(reference_image())
+    for fault in (RuntimeError("injected bug"), MemoryError("injected out of memory")):
+        def broken(*args, fault=fault):
+            raise fault
+
+        monkeypatch.setattr(ca_reference_pass, "segment", broken)
+        ca_caches.REFERENCE_CACHE.clear()
+        capsys.readouterr()
+        caplog.clear()
+        errors.reported.clear()
+        response = txt2img(client, [{"image": image, "model": ADAPTER_NAME}])
+        body = response.json()
+        assert response.status_code == 500 and "images" not in body, body
+        assert body["error"] == "CharacterAdapterError" and str(fault) in body["errors"], body
+        assert [m for kind, m in errors.reported if kind == "report"][0].startswith("API error: POST")
+        assert "Traceback" in capsys.readouterr().err  # the host's handler printed it
+        assert any("Traceback" in message and str(fault) in message for _, message, _ in our_log(caplog))
+
+
+XYZ_FILE = os.path.join(ROOT, "tests", "webui_double", "scripts", "xyz_grid.py")
+
+
+@pytest.fixture
+def xyz_client(host, monkeypatch):
+    """The API with the WebUI's X/Y/Z plot loaded before our script, as the WebUI orders them."""
+    scripts.load_scripts([(os.path.dirname(os.path.dirname(XYZ_FILE)), XYZ_FILE),
+                          (ROOT, os.path.join(ROOT, "scripts", "character_adapter.py"))])
+    scripts.scripts_txt2img.build_ui(is_img2img=False)
+    (script,) = [s for s in scripts.scripts_txt2img.alwayson_scripts if s.title() == "Character-Adapter"]
+    install_listed_models(script, monkeypatch)
+    app, api = api_only_app()
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+
+
+def xyz_request(client, label, text, panel):
+    """script_name "x/y/z plot" with one X axis, as tools/real_webui/api_checks.py sends it."""
+    (grid,) = scripts.scripts_txt2img.selectable_scripts
+    labels = [o.label for o in grid.current_axis_options]
+    option = grid.current_axis_options[labels.index(label)]
+    dropdown = [text] if option.choices is not None else []  # axes with choices read the dropdown
+    axes = [labels.index(label), text, dropdown, labels.index("Nothing"), "", [], labels.index("Nothing"), "", []]
+    return txt2img(client, panel, script_name="x/y/z plot",
+                   script_args=axes + [True, False, False, False, False, False, False, 0, False])
+
+
+def test_refused_xyz_values_and_an_off_panel_answer_422(xyz_client, caplog, capsys):
+    panel = [{"image": b64_png(reference_image()), "model": ADAPTER_NAME}]
+    capsys.readouterr()
+    caplog.clear()
+    errors.reported.clear()
+    problems = []
+    for label, text, args, field in (("[Character-Adapter] Weight", "0.5, 7", panel, "weight"),
+                                     ("[Character-Adapter] Region weights", "1 x 1", panel, "region weights"),
+                                     ("[Character-Adapter] Region weights", "1 1", panel, "region weights"),
+                                     ("[Character-Adapter] IP-Adapter model", "nope.safetensors", panel, "model")):
+        problems += assert_refused(xyz_request(xyz_client, label, text, args), field, caplog, capsys, (label, text))
+    off = xyz_request(xyz_client, "[Character-Adapter] Weight", "0.5", [])
+    assert off.status_code == 422 and "the Character-Adapter panel is off" in off.json()["errors"], off.json()
+    assert len(our_log(caplog)) == 1 and "Traceback" not in capsys.readouterr().err
+    assert not problems, problems
+    assert xyz_request(xyz_client, "[Character-Adapter] Weight", "0.5", panel).status_code == 200
+
+
+def test_handler_gives_the_refusal_its_status_and_message_on_the_routes_of_the_app(client):
+    """The double's api_middleware is v1.10.1's: the refusal type reaches it as an HTTPException."""
+    from charadapter.webui import refusal
+
+    app = client.app
+
+    @app.get("/test-refusal")
+    def refused():
+        raise refusal.CharacterAdapterError("Character-Adapter: weight: must be between 0.0 and 2.0, got 3")
+
+    response = client.get("/test-refusal")
+    assert response.status_code == 422
+    assert response.json() == {"error": "CharacterAdapterError", "detail": "Character-Adapter: weight: must be "
+                               "between 0.0 and 2.0, got 3", "body": "", "errors": "Character-Adapter: weight: "
+                               "must be between 0.0 and 2.0, got 3"}
+    assert not errors.reported
 
 
 def test_at_least_twenty_malformed_inputs():

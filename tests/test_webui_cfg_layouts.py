@@ -507,12 +507,12 @@ def test_sdxl_calling_convention(tmp_path, monkeypatch):
     """Dict conds, attn2 with extra keyword arguments, the SDXL reference size and arch check."""
     model = make_sd_model()
     sizes = []
-    original_fit = core_reference.fit_for_encoding
-    monkeypatch.setattr(core_reference, "fit_for_encoding", lambda size, side, **kw: sizes.append(side) or original_fit(size, side, **kw))
+    original_size = core_reference.pass_size
+    monkeypatch.setattr(core_reference, "pass_size", lambda size, area, **kw: sizes.append(area) or original_size(size, area, **kw))
     with hosted(model, tmp_path, monkeypatch) as (runner, script):
         xl = sd_models.register_model(TinySDXL(model), arch="sdxl")  # the text encoder stays hijacked
-        monkeypatch.setitem(ca_reference_pass.REFERENCE_SIDE, "sdxl", 64)
-        monkeypatch.setitem(ca_reference_pass.REFERENCE_SIDE, "sd15", 128)
+        monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sdxl", 64 * 128)
+        monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sd15", 128 * 128)
         sd15 = ca_caches.ADAPTER_CACHE.get("tiny-adapter")
         spec = dataclasses.replace(sd15.spec, arch="sdxl", variant="sdxl", encoder="ViT-bigG-14")
         ca_caches.ADAPTER_CACHE.put("tiny-adapter", dataclasses.replace(sd15, spec=spec))
@@ -521,7 +521,7 @@ def test_sdxl_calling_convention(tmp_path, monkeypatch):
         with recording(xl, script) as rec:
             p, processed = generate(script, runner, negative_prompt="blurry")
         assert no_errors() and SgmCrossAttention.calls_with_extra_kwargs > 0
-        assert sizes == [64]
+        assert sizes == [64 * 128]
         prompt = "a face, upper body, lower body, standing"
         assert check_rows(rec, xl, [prompt], ["blurry"]) == 4
         assert changed(processed, before)

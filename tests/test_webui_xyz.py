@@ -16,6 +16,7 @@ from webui_api_host import ADAPTER_NAME, install_listed_models
 from charadapter.webui import reference_pass as ca_reference_pass
 from charadapter.params import Params, Region
 from charadapter.webui import xyz as ca_xyz
+from charadapter.webui import refusal
 from modules import infotext_utils, processing, script_callbacks, scripts
 
 XYZ_FILE = os.path.join(ROOT, "tests", "webui_double", "scripts", "xyz_grid.py")
@@ -151,15 +152,15 @@ def test_window_temperature_and_timestep_axes_reach_the_generation(grid_host):
 
 
 def test_bad_values_and_an_off_panel_stop_the_grid_before_it_starts(grid_host):
+    """Each is a refused input (HTTP 422 through the API: test_webui_api), its message names the field."""
     runner, grid, script = grid_host
-    with pytest.raises(Exception, match="weight"):
-        run_grid(runner, grid, script, dict(x=(LABELS[0], "0.5, 3", [])))
-    with pytest.raises(Exception, match="region weights"):
-        run_grid(runner, grid, script, dict(x=(LABELS[6], "1 1", [])))  # 3 regions in the panel
-    with pytest.raises(Exception, match="region weights"):
-        run_grid(runner, grid, script, dict(x=(LABELS[6], "1 x 1", [])))
-    with pytest.raises(RuntimeError, match="panel is off"):
-        run_grid(runner, grid, script, dict(x=(LABELS[0], "0.5", [])), panel=Params())
+    for axis, text, message in ((LABELS[0], "0.5, 3", "weight: must be between"),
+                                (LABELS[6], "1 1", "region weights: 2 weight"),  # 3 regions in the panel
+                                (LABELS[6], "1 x 1", "region weights: expected a number"),
+                                (LABELS[0], "0.5", "panel is off")):
+        with pytest.raises(refusal.CharacterAdapterError, match=message) as err:
+            run_grid(runner, grid, script, dict(x=(axis, text, [])), panel=Params() if "off" in message else None)
+        assert err.value.status_code == 422 and str(err.value).startswith("Character-Adapter")
 
 
 def test_model_axis_lists_the_adapters_and_reaches_the_infotext(grid_host, monkeypatch):

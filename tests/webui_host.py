@@ -48,7 +48,7 @@ def start_host(sd_model, tmp_path, monkeypatch):
     ca_caches.ENCODER_CACHE.put("tiny-encoder", tiny_clip())
     resolved = {"adapter": "tiny-adapter", "encoder": "tiny-encoder"}
     monkeypatch.setattr(script.hooks.controller, "resolve_model", lambda kind, name: resolved[kind])
-    monkeypatch.setitem(ca_reference_pass.REFERENCE_SIDE, "sd15", 64)  # the tiny model: keep the pass cheap
+    monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sd15", 64 * 128)  # the tiny model: 64x128 px for the 64x96 reference
     yield runner, script
     script_callbacks.clear_callbacks()
     ca_caches.SEGMENTATION_CACHE.clear()

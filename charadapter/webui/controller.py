@@ -9,15 +9,16 @@ calls (host.py, prompts.py, reference_pass.py), so this file imports without the
 import logging
 import traceback
 import weakref
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import CharacterAdapterError
+from ..errors import CharacterAdapterError, InputError
 from ..fusion import CharacterTokens, FusionConfig, FusionSession
 from ..hooks import HookSession, MarkedHook, clear_stale
 from ..layers import check_adapter_layers, find_attn2_layers
 from ..params import Character, Params
+from . import refusal
 from .host import check_architecture, unet_of
 from .prompts import PhraseFinder, row_plan
 from .reference_pass import Prepared, ResolveModel, prepare
@@ -83,6 +84,7 @@ class Controller:
         self.resolve_model = resolve_model
         self.generation: Optional[Generation] = None
         self.error: Optional[str] = None
+        self.refused = False  # the error is a refused input (the caller's mistake): HTTP 422, no traceback
         self._error_hooks: Optional[HookSession] = None
         self._guard: Optional[Tuple[Any, Any]] = None  # (weakref to the denoiser, handle)
 
@@ -99,7 +101,7 @@ class Controller:
             if params.enabled:
                 params = params.with_overrides(cell_overrides(p))  # an X/Y/Z cell's values, set on its copy of p
         except CharacterAdapterError as err:
-            self.error = str(err)
+            self.error, self.refused = str(err), isinstance(err, InputError)
             return self._report(p)
         if not params.enabled:
             return None
@@ -109,7 +111,7 @@ class Controller:
             try:
                 prepared.append(prepare(p, params, character, self.resolve_model))
             except CharacterAdapterError as err:
-                self.error = _labelled(str(err), label)
+                self.error, self.refused = _labelled(str(err), label), isinstance(err, InputError)
                 return self._report(p)
             except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
                 self._fail(f"preparing the reference{' of ' + character.label if label else ''}", err)
@@ -210,10 +212,10 @@ class Controller:
 
     def _stop_generation(self, unet) -> None:
         """Generation must not go on silently without the adapter: raise inside the UNet."""
-        message = self.error
+        message, refused = self.error, self.refused
 
         def refuse(module, args):
-            raise CharacterAdapterError(message)
+            raise refusal.CharacterAdapterError(message) if refused else CharacterAdapterError(message)
 
         if unet is None or self._error_hooks is not None:
             return
@@ -261,7 +263,7 @@ class Controller:
         """Remove every hook of ours and forget the generation (also on errors and unload)."""
         gen, self.generation = self.generation, None
         hooks, self._error_hooks = self._error_hooks, None
-        self.error = None
+        self.error, self.refused = None, False
         try:
             if gen is not None:
                 gen.remove_hooks()
@@ -283,16 +285,15 @@ def _labelled(message: str, label: str) -> str:
 
 def character_tokens(params: Params, prepared: Sequence[Prepared]) -> List[CharacterTokens]:
     """Each character's adapter weights, tokens and fusion settings, for FusionSession."""
-    fp32: Dict[int, list] = {}  # one float copy per adapter, however many characters use it
     found = []
     for character, done in zip(params.characters, prepared):
-        ip = fp32.get(id(done.weights))
-        if ip is None:
-            ip = fp32[id(done.weights)] = [(k.float(), v.float()) for k, v in done.weights.layers]
+        # the adapter's weights as stored: the session casts one layer at a time (fp32 copies of
+        # all layers at once were 1.4 GB more, for a moment, with an fp16 SDXL adapter)
         config = FusionConfig(
             weight=character.weight, region_weights=tuple(r.weight for r in character.regions),
             start=character.start, end=character.end, mode=params.fusion,
             temperature=params.temperature, background=params.background, subject=several(params),
         )
-        found.append(CharacterTokens(ip, done.reference.tokens.cond, done.reference.tokens.negative, config))
+        found.append(CharacterTokens(done.weights.layers, done.reference.tokens.cond, done.reference.tokens.negative,
+                                     config))
     return found

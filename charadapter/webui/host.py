@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from ..checkpoint import IPAdapterWeights
-from ..errors import CharacterAdapterError
+from ..errors import MismatchError
 
 
 def unet_of(sd_model) -> Optional[torch.nn.Module]:
@@ -53,7 +53,7 @@ def check_architecture(sd_model, weights: IPAdapterWeights) -> None:
     if getattr(sd_model, "is_sd2", False):
         model_arch = "sd2"
     if model_arch != weights.spec.arch:
-        raise CharacterAdapterError(
+        raise MismatchError(
             f"Character-Adapter: {weights.source} is an {weights.spec.arch.upper()} adapter but the loaded "
             f"checkpoint is {model_arch.upper()}: choose a matching IP-Adapter model"
         )

@@ -15,11 +15,11 @@ from PIL import Image
 from ..adapter import RegionEncoder, RegionTokens
 from ..checkpoint import IPAdapterWeights, load_ip_adapter
 from ..clip_vision import load_clip_vision
-from ..errors import CharacterAdapterError
+from ..errors import InputError
 from ..images import MIN_REFERENCE_SIDE, image_hash, load_image
 from ..layers import find_attn2_layers
 from ..params import Character, Params
-from ..reference import encoding_pixels, noise_latent, segment_reference, segmentation_prompt
+from ..reference import PASS_AREA, noise_latent, pass_pixels, segment_reference, segmentation_prompt
 from ..segmentation import SegmentationResult, region_crops
 from ..tokens import unplaced_phrase
 from .caches import ADAPTER_CACHE, ENCODER_CACHE, REFERENCE_CACHE, SEGMENTATION_CACHE
@@ -27,10 +27,7 @@ from .host import check_architecture, device, low_vram, progress, unet_of
 from .prompts import phrase_groups, phrase_ids
 from .settings import apply_cache_settings
 
-# short side the reference is encoded at: the resolution each model family was trained at
-REFERENCE_SIDE = {"sd15": 512, "sdxl": 1024}
-
-ResolveModel = Callable[[str, str], str]  # (kind, listed name) -> path, or raise CharacterAdapterError
+ResolveModel = Callable[[str, str], str]  # (kind, listed name) -> path, or raise InputError
 
 
 @dataclass
@@ -55,10 +52,10 @@ class Prepared(NamedTuple):
 def prepare(p, params: Params, character: Character, resolve_model: ResolveModel) -> Prepared:
     """Check and load what `character` names, then its reference's region tokens (cached)."""
     if character.image is None:
-        raise CharacterAdapterError("Character-Adapter: no reference image: drop one in the accordion")
+        raise InputError("Character-Adapter: no reference image: drop one in the accordion")
     image = load_image(character.image, min_side=MIN_REFERENCE_SIDE)
     if not character.model:
-        raise CharacterAdapterError("Character-Adapter: choose an IP-Adapter model (none is selected)")
+        raise InputError("Character-Adapter: choose an IP-Adapter model (none is selected)")
     apply_cache_settings()
     adapter_path = resolve_model("adapter", character.model)
     weights = ADAPTER_CACHE.get_or_create(adapter_path, lambda: load_ip_adapter(adapter_path))
@@ -78,10 +75,13 @@ def prepare(p, params: Params, character: Character, resolve_model: ResolveModel
 
 def encode_reference(sd_model, image: Image.Image, phrases: Sequence[str], timestep: int, crop: str,
                      weights: IPAdapterWeights, encoder_path: str, masks_key: tuple) -> Reference:
-    """Segment the reference (cached under `masks_key`), crop it and encode one token set per region."""
-    with progress("Character-Adapter: loading the image encoder"):
-        clip = ENCODER_CACHE.get_or_create(encoder_path, lambda: load_clip_vision(encoder_path))
-        encoder = RegionEncoder(weights, clip)  # checks the pair before the UNet pass below
+    """Segment the reference (cached under `masks_key`), crop it and encode one token set per region.
+
+    The UNet pass runs before the image encoder is loaded, so the two never share memory on a
+    first run; an encoder already loaded is checked against the adapter before the pass."""
+    clip = ENCODER_CACHE.get(encoder_path)
+    if clip is not None:
+        RegionEncoder(weights, clip)  # a mismatched pair stops before the pass
     segmentation = boxes = None
     empty: List[str] = []
     if phrases:
@@ -92,14 +92,30 @@ def encode_reference(sd_model, image: Image.Image, phrases: Sequence[str], times
         empty = [phrase for phrase, e in zip(phrases, segmentation.empty) if e]
     else:
         crops = [image]
+    with progress("Character-Adapter: loading the image encoder"):
+        clip = ENCODER_CACHE.get_or_create(encoder_path, lambda: load_clip_vision(encoder_path))
+        encoder = RegionEncoder(weights, clip)
     with progress("Character-Adapter: encoding the reference"):
-        try:
-            clip.to(device())
-            tokens = encoder.encode(crops)
-        finally:
-            if low_vram(sd_model):
-                clip.to("cpu")  # the WebUI keeps only the running part on the GPU
+        tokens = encode_on_device(sd_model, encoder, crops)
     return Reference(tokens, segmentation, boxes, tuple(empty))
+
+
+def encode_on_device(sd_model, encoder: RegionEncoder, crops: List[Image.Image]) -> RegionTokens:
+    """The crops' tokens, the encoder on the WebUI's device. With --medvram / --lowvram it gets
+    the device to itself and goes back to the CPU after, as the WebUI's interrogator does
+    (modules/interrogate.py): send_everything_to_cpu first, torch_gc after."""
+    from modules import devices, lowvram
+
+    offload = low_vram(sd_model)
+    if offload:
+        lowvram.send_everything_to_cpu()
+    try:
+        encoder.clip_model.to(device())
+        return encoder.encode(crops)
+    finally:
+        if offload:
+            encoder.clip_model.to("cpu")
+            devices.torch_gc()
 
 
 def segment_with_progress(sd_model, image: Image.Image, phrases: Sequence[str], timestep: int) -> SegmentationResult:
@@ -108,35 +124,43 @@ def segment_with_progress(sd_model, image: Image.Image, phrases: Sequence[str], 
 
 
 def segment(sd_model, image: Image.Image, phrases: Sequence[str], timestep: int) -> SegmentationResult:
-    """Encode the reference, noise it to T, one UNet pass with the region phrases, masks."""
+    """Encode the reference, noise it to T, one UNet pass with the region phrases, masks.
+
+    The VAE and the UNet are called through the model (encode_first_stage, apply_model), so the
+    WebUI's --medvram / --lowvram hooks move them to the device as for its own passes. Everything
+    the pass made is dropped and the device cache emptied before sampling starts."""
     from modules import devices
 
     unet = unet_of(sd_model)
-    pixels = encoding_pixels(image, REFERENCE_SIDE["sdxl" if getattr(sd_model, "is_sdxl", False) else "sd15"])
+    pixels = pass_pixels(image, PASS_AREA["sdxl" if getattr(sd_model, "is_sdxl", False) else "sd15"])
     phrases = list(phrases)
     prompt = segmentation_prompt(phrases)
     groups = phrase_groups(sd_model, prompt, phrases)
     for phrase, group in zip(phrases, groups):
         if not group:
-            raise CharacterAdapterError(
+            raise InputError(
                 f"Character-Adapter: {unplaced_phrase(phrase, len(phrase_ids(sd_model, phrase)))}")
-    with torch.no_grad():
-        vae_dtype = getattr(devices, "dtype_vae", torch.float32)
-        pixels = pixels.to(devices.device, vae_dtype)
-        latent = vae_latent(sd_model, pixels)
-        cond = sd_model.get_learned_conditioning([prompt])
-        noisy = noise_latent(latent, sd_model.alphas_cumprod.float().cpu(), timestep)
-        t = torch.tensor([float(timestep)], device=noisy.device)
-        cond = with_concat(sd_model, cond, noisy, pixels)
+    try:
+        with torch.no_grad():
+            vae_dtype = getattr(devices, "dtype_vae", torch.float32)
+            pixels = pixels.to(devices.device, vae_dtype)
+            latent = vae_latent(sd_model, pixels)
+            cond = sd_model.get_learned_conditioning([prompt])
+            noisy = noise_latent(latent, sd_model.alphas_cumprod.float().cpu(), timestep)
+            t = torch.tensor([float(timestep)], device=noisy.device)
+            cond = with_concat(sd_model, cond, noisy, pixels)
+            del latent, pixels
 
-        def run_unet():
-            # the host's apply_model casts to dtype_unet under autocast (sd_hijack_unet.apply_model);
-            # autocast here too, for hosts that only autocast around sampling (processing.py)
-            with devices.autocast():
-                return sd_model.apply_model(noisy, t, cond)
+            def run_unet():
+                # the host's apply_model casts to dtype_unet under autocast (sd_hijack_unet.apply_model);
+                # autocast here too, for hosts that only autocast around sampling (processing.py)
+                with devices.autocast():
+                    sd_model.apply_model(noisy, t, cond)  # the output is not needed: only the maps
 
-        result, _ = segment_reference(unet, find_attn2_layers(unet), run_unet, tuple(noisy.shape[-2:]), groups)
-    return result
+            result, _ = segment_reference(unet, find_attn2_layers(unet), run_unet, tuple(noisy.shape[-2:]), groups)
+        return result
+    finally:
+        devices.torch_gc()
 
 
 def vae_latent(sd_model, pixels: torch.Tensor) -> torch.Tensor:

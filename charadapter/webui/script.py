@@ -4,7 +4,7 @@ from typing import Any, List
 
 from modules import script_callbacks
 
-from ..errors import CharacterAdapterError
+from ..errors import InputError
 from . import api, models, settings, ui, xyz
 from .controller import Controller
 
@@ -16,7 +16,7 @@ def resolve_model(kind: str, name: str) -> str:
     if kind == "adapter":
         path = models.resolve_adapter(name)
         if path is None:
-            raise CharacterAdapterError(
+            raise InputError(
                 f"Character-Adapter: model: {name!r} is not an IP-Adapter in the list "
                 f"({len(models.listing().adapters)} found); put the file in models/ and press 🔄")
         return path
@@ -25,12 +25,12 @@ def resolve_model(kind: str, name: str) -> str:
         listing = models.listing()
         picked = models.pick_encoder(wanted, listing.encoders)
         if picked is None:
-            raise CharacterAdapterError(
+            raise InputError(
                 f"Character-Adapter: encoder: no {wanted} CLIP image encoder found; see models/README.md")
         return listing.encoders[picked]
     path = models.resolve_encoder(name)
     if path is None:
-        raise CharacterAdapterError(f"Character-Adapter: encoder: {name!r} is not an image encoder in the list")
+        raise InputError(f"Character-Adapter: encoder: {name!r} is not an image encoder in the list")
     return path
 
 

@@ -17,7 +17,9 @@ Controller.process reads them back with `cell_overrides(p)`. Nothing is written 
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..errors import InputError
 from ..params import MAX_CHARACTERS, FUSION_MODES, RANGES, ParamError, Params, _as_choice, _as_float, _as_int, _as_name
+from . import refusal
 
 log = logging.getLogger("character_adapter")
 
@@ -37,9 +39,12 @@ def parse_region_weights(text: Any) -> Tuple[float, ...]:
         parts = list(text)
     else:
         parts = str(text).replace(",", " ").replace(";", " ").split()
-    if not parts:
-        raise ParamError("region weights", "empty cell; expected one weight per region, e.g. 1 0.5 0")
-    return tuple(_as_float("region weights", part, *RANGES["region_weight"]) for part in parts)
+    try:
+        if not parts:
+            raise ParamError("region weights", "empty cell; expected one weight per region, e.g. 1 0.5 0")
+        return tuple(_as_float("region weights", part, *RANGES["region_weight"]) for part in parts)
+    except InputError as err:  # the grid's type conversion: the caller's value
+        raise refusal.refuse(str(err)) from None
 
 
 def format_region_weights(p, opt, x) -> str:
@@ -62,11 +67,14 @@ def _confirm(setting: str, check: Callable[[Any], Any]) -> Callable[[Any, Sequen
     def confirm(p, xs):
         panel = _panel_params(p)
         if panel is not None and not panel.enabled:
-            raise RuntimeError(f"{TITLE}: the Character-Adapter panel is off; tick it to sweep its settings")
-        for x in xs:
-            check(x)
-            if panel is not None:
-                panel.with_overrides({setting: x})  # in the panel's context: one weight per region, a used tab
+            raise refusal.refuse(f"{TITLE}: the Character-Adapter panel is off; tick it to sweep its settings")
+        try:
+            for x in xs:
+                check(x)
+                if panel is not None:
+                    panel.with_overrides({setting: x})  # in the panel's context: one weight per region, a used tab
+        except InputError as err:  # the grid stops before its first cell: the caller's value
+            raise refusal.refuse(str(err)) from None
 
     return confirm
 

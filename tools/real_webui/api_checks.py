@@ -1,6 +1,8 @@
 """Drive a running WebUI (tools/real_webui/start_webui.sh) through its HTTP API, the way a user
-would, and report per case: HTTP status, images returned, whether the infotext carries
-"Character-Adapter", the error text. Results (JSON without the image data, PNGs) go to --out.
+would, and report per case: HTTP status (flagged when it is not the expected one: 422 for a
+refused input, 500 for a failure, else 200), images returned, whether the infotext carries
+"Character-Adapter", the error text, and what the request added to the WebUI's log (--log): lines
+naming us, a traceback. Results (JSON without the image data, PNGs) go to --out.
 
     python api_checks.py [--url http://127.0.0.1:7861] [--out DIR] [case ...]   # no case = all
 """
@@ -131,6 +133,14 @@ def with_controlnet(route_payload, units):
     return route, payload
 
 
+# the status each case should answer (200 when not listed): 422 = a refused input, the caller's
+# mistake (one plain log line, no traceback); 500 = a failure that is not (with its traceback)
+EXPECTED_STATUS = dict.fromkeys(("xyz_panel_off", "xyz_bad_value", "bad_model", "bad_weight", "no_image", "bad_key",
+                                 "path_as_image", "sdxl_wrong_family"), 422)
+EXPECTED_STATUS.update(two_characters_shared_differs=422, two_characters_no_subject=422)
+EXPECTED_STATUS["bin_newtorch"] = 500  # the server's own file cannot be read: not the caller's fault
+
+
 CASES = {
     "plain": lambda: txt2img(),
     "dict": lambda: txt2img([unit()]),
@@ -202,9 +212,10 @@ def strip_images(data):
     return out
 
 
-def run(url, name, out_dir):
+def run(url, name, out_dir, log_path=None):
     make = CASES[name]
     route, payload = make(url) if make.__code__.co_argcount else make()
+    log_start = os.path.getsize(log_path) if log_path and os.path.exists(log_path) else None
     t0 = time.time()
     r = requests.post(f"{url}/sdapi/v1/{route}", json=payload, timeout=1800)
     dt = time.time() - t0
@@ -227,20 +238,35 @@ def run(url, name, out_dir):
         json.dump(dict(strip_images(data), info=info or data.get("info")), f, indent=1, default=str)
     ours = [TITLE in t for t in infotexts]
     error = data.get("errors") or data.get("error") or data.get("detail") or ""
-    print(f"{name:22s} HTTP {r.status_code} {dt:6.1f}s images={len(images)} infotexts={len(infotexts)} "
-          f"ours={ours} {str(error)[:300]}", flush=True)
+    expected = EXPECTED_STATUS.get(name, 200)
+    status = f"HTTP {r.status_code}" + ("" if r.status_code == expected else f" (EXPECTED {expected})")
+    print(f"{name:22s} {status} {dt:6.1f}s images={len(images)} infotexts={len(infotexts)} "
+          f"ours={ours} {str(error)[:300]}{log_note(log_path, log_start)}", flush=True)
     return r.status_code, data
+
+
+def log_note(log_path, start):
+    """What the request added to the WebUI's log: its lines naming us, and whether a traceback."""
+    if start is None:
+        return ""
+    time.sleep(0.5)  # the handler prints after the response is built
+    with open(log_path, errors="replace") as f:
+        f.seek(start)
+        added = f.read()
+    ours = sum("Character-Adapter" in line for line in added.splitlines())
+    return f" [log: {ours} line(s) naming us{', a TRACEBACK' if 'Traceback' in added else ''}]"
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--url", default="http://127.0.0.1:7861")
     ap.add_argument("--out", default="/work/realwebui/out")
+    ap.add_argument("--log", default="/work/realwebui/webui.log", help="the WebUI's log (start_webui.sh writes it)")
     ap.add_argument("cases", nargs="*")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     for name in a.cases or list(CASES):
-        run(a.url, name, a.out)
+        run(a.url, name, a.out, a.log)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,7 @@ def get_empty_cond(sd_model):  # mirrors modules/sd_models.py (get_empty_cond): 
 
 def register_model(sd_model, filename=None, arch="sd1"):  # double-only
     """Make a test-built LatentDiffusion look like a model the WebUI loaded, and make it shared.sd_model."""
-    from modules import sd_hijack, sd_hijack_unet
+    from modules import lowvram, sd_hijack, sd_hijack_unet
     sd_hijack_unet.hijack_apply_model(type(sd_model))  # the WebUI patches LatentDiffusion.apply_model at import
     for flag in ("is_sd1", "is_sd2", "is_sdxl", "is_ssd", "is_sd3"):
         setattr(sd_model, flag, False)
@@ -129,7 +129,7 @@ def register_model(sd_model, filename=None, arch="sd1"):  # double-only
     if not hasattr(sd_model, 'latent_channels'):
         sd_model.latent_channels = 4
     sd_model.is_sdxl_inpaint = False
-    sd_model.lowvram = False
+    lowvram.apply(sd_model)  # as sd_models.load_model does (send_model_to_device), before the hijack
     if filename is None:
         filename = os.path.join(paths_internal.models_path, model_dir, "double.safetensors")
     info = CheckpointInfo(filename)

@@ -25,6 +25,7 @@ parser.add_argument("--freeze-settings-in-sections", type=str, default=None)
 parser.add_argument("--freeze-specific-settings", type=str, default=None)
 parser.add_argument("--api", action="store_true")
 parser.add_argument("--nowebui", action="store_true")
+parser.add_argument("--api-log", action="store_true")
 parser.add_argument("--no-hashing", action="store_true", default=False)
 parser.add_argument("--no-prompt-history", action="store_true", default=True)  # double: default True so no params.txt is written
 parser.add_argument("--opt-channelslast", action="store_true")

@@ -5,11 +5,15 @@ the methods. Simplified: no auth, no infotext request key, no task queue/progres
 and the routes the extension does not need are left out.
 """
 import base64
+import datetime
 import io
+import os
 import threading
+import time
 from contextlib import closing
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import HTTPException  # the class v1.10.1's handler checks
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from PIL import Image
@@ -52,16 +56,49 @@ def encode_pil_to_base64(image):  # mirrors modules/api/api.py (encode_pil_to_ba
         return base64.b64encode(output_bytes.getvalue())
 
 
-def api_middleware(app: FastAPI):  # mirrors modules/api/api.py (api_middleware): every exception -> JSON
-    def handle_exception(request: Request, e: Exception):
+def api_middleware(app: FastAPI):  # mirrors modules/api/api.py (api_middleware) of v1.10.1
+    """Every exception becomes a JSON answer: status from the exception's `status_code` (500 when it
+    has none); a traceback is printed for anything that is not a fastapi HTTPException (with rich's
+    local variables when WEBUI_RICH_EXCEPTIONS is set and rich imports), nothing for those."""
+    rich_available = False
+    try:
+        if os.environ.get('WEBUI_RICH_EXCEPTIONS', None) is not None:
+            import anyio  # the WebUI imports these two only to keep them out of rich's frames
+            import starlette
+            from rich.console import Console
+            console = Console()
+            rich_available = True
+    except Exception:
+        pass
+
+    @app.middleware("http")
+    async def log_and_time(req: Request, call_next):  # mirrors (api_middleware.log_and_time)
+        ts = time.time()
+        res: Response = await call_next(req)
+        duration = str(round(time.time() - ts, 4))
+        res.headers["X-Process-Time"] = duration
+        endpoint = req.scope.get('path', 'err')
+        if shared.cmd_opts.api_log and endpoint.startswith('/sdapi'):
+            print(f"API {datetime.datetime.now():%Y-%m-%d %H:%M:%S.%f} {res.status_code} {req.scope.get('scheme', 'err')}/"
+                  f"{req.scope.get('http_version', '0.0')} {req.scope.get('method', 'err')} {endpoint} "
+                  f"{req.scope.get('client', ('0:0.0.0', 0))[0]} {duration}")
+        return res
+
+    def handle_exception(request: Request, e: Exception):  # mirrors (api_middleware.handle_exception)
         err = {
             "error": type(e).__name__,
             "detail": vars(e).get('detail', ''),
             "body": vars(e).get('body', ''),
             "errors": str(e),
         }
-        if not isinstance(e, HTTPException):  # the WebUI logs a traceback for these
-            errors.report(f"API error: {request.method}: {request.url} {err}", exc_info=True)
+        if not isinstance(e, HTTPException):  # the WebUI prints no traceback for HTTPExceptions
+            message = f"API error: {request.method}: {request.url} {err}"
+            if rich_available:
+                print(message)
+                console.print_exception(show_locals=True, max_frames=2, extra_lines=1, suppress=[anyio, starlette],
+                                        word_wrap=False, width=min([console.width, 200]))
+            else:
+                errors.report(message, exc_info=True)
         return JSONResponse(status_code=vars(e).get('status_code', 500), content=jsonable_encoder(err))
 
     @app.middleware("http")
