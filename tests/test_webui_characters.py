@@ -406,3 +406,31 @@ def test_settings_choose_how_many_tabs(host):
                 ca_settings.SETTING_ADAPTERS_LOADED):
         shared.opts.data_labels.pop(key, None)
         shared.opts.data.pop(key, None)
+
+
+def test_token_counts_that_do_not_divide_are_refused_naming_the_character(host, sd_model, monkeypatch):
+    """A 6-token adapter beside a 4-token one (as a Full-Face adapter's 257 would be): refused before sampling."""
+    from charadapter.checkpoint import AdapterSpec, IPAdapterWeights
+    from charadapter.layers import find_attn2_layers
+    from charadapter.webui import caches as ca_caches
+    from tiny_sd import TINY_CONTEXT_DIM
+    from webui_host import CLIP_DIM
+
+    runner, script = host
+    layers = find_attn2_layers(sd_model.model.diffusion_model)
+    gen = torch.Generator().manual_seed(9)
+    image_proj = {"proj.weight": torch.randn(6 * TINY_CONTEXT_DIM, CLIP_DIM, generator=gen) * 0.3,
+                  "proj.bias": torch.zeros(6 * TINY_CONTEXT_DIM),
+                  "norm.weight": torch.ones(TINY_CONTEXT_DIM), "norm.bias": torch.zeros(TINY_CONTEXT_DIM)}
+    kv = [(torch.randn(l.inner_dim, TINY_CONTEXT_DIM, generator=gen), torch.randn(l.inner_dim, TINY_CONTEXT_DIM,
+                                                                                 generator=gen)) for l in layers]
+    spec = AdapterSpec(variant="sd15", arch="sd15", plus=False, num_tokens=6, context_dim=TINY_CONTEXT_DIM,
+                       clip_dim=CLIP_DIM, encoder="ViT-H-14", num_layers=len(layers))
+    ca_caches.ADAPTER_CACHE.put("tiny-six", IPAdapterWeights(spec=spec, image_proj=image_proj, layers=kv,
+                                                             source="tiny-six"))
+    monkeypatch.setattr(script.hooks.controller, "resolve_model",
+                        lambda kind, name: "tiny-encoder" if kind == "encoder" else name)
+    p, processed, error = run(runner, script, per_unit={2: dict(model="tiny-six")})
+    assert processed is None and "Character-Adapter: Character 1: model: tiny-adapter gives 4 image tokens" in str(error)
+    assert "Character 2's tiny-six gives 6" in str(error) and getattr(error, "status_code", None) == 422
+    assert ours(sd_model.model.diffusion_model) == 0

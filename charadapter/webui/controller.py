@@ -116,6 +116,11 @@ class Controller:
             except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
                 self._fail(f"preparing the reference{' of ' + character.label if label else ''}", err)
                 return self._report(p)
+        try:
+            check_token_counts(params, prepared)
+        except InputError as err:
+            self.error, self.refused = str(err), True
+            return self._report(p)
         self.generation = Generation(params, prepared)
         p.extra_generation_params.update(params.to_infotext([done.image_hash for done in prepared]))
         for character, done in zip(params.characters, prepared):
@@ -281,6 +286,20 @@ def _labelled(message: str, label: str) -> str:
     if not label:
         return message
     return prefix + label + (message[len(prefix):] if message.startswith(prefix) else message)
+
+
+def check_token_counts(params: Params, prepared: Sequence[Prepared]) -> None:
+    """Characters share one batched term, their tokens repeated up to the largest count (4 -> 16 for a
+    base and a Plus adapter); counts that do not divide it (a Full-Face adapter's 257) cannot."""
+    counts = [done.reference.tokens.cond.shape[1] for done in prepared]
+    largest = max(counts)
+    for character, done, count in zip(params.characters, prepared, counts):
+        if largest % count:
+            other = params.characters[counts.index(largest)]
+            raise InputError(
+                f"Character-Adapter: {character.label}: model: {character.model} gives {count} image tokens per "
+                f"region and {other.label}'s {other.model} gives {largest}; adapters mix in one generation only "
+                f"when one count divides the other (base 4 and Plus 16 do): choose another model for one of them")
 
 
 def character_tokens(params: Params, prepared: Sequence[Prepared]) -> List[CharacterTokens]:
