@@ -4,10 +4,17 @@ refused input, 500 for a failure, else 200), images returned, whether the infote
 "Character-Adapter", the error text, and what the request added to the WebUI's log (--log): lines
 naming us, a traceback. Results (JSON without the image data, PNGs) go to --out.
 
-    python api_checks.py [--url http://127.0.0.1:7861] [--out DIR] [case ...]   # no case = all
+    python api_checks.py [--url http://127.0.0.1:7861] [--out DIR] [case|pattern ...]
+    python api_checks.py --list
+
+No case = every case for the loaded checkpoint's family; a pattern is a shell glob ("xyz_*").
+Cases named sdxl_* need the WebUI started with CKPT=random-sdxl.safetensors, the others the
+SD1.5 checkpoint; a case for the other family is skipped with a note. *_128 cases are the
+memory baseline's requests (128x128, 3 Euler steps: memory_check.py).
 """
 import argparse
 import base64
+import fnmatch
 import io
 import json
 import os
@@ -24,9 +31,12 @@ from charadapter.params import ARG_NAMES_ONE  # noqa: E402
 TITLE = "Character-Adapter"
 ADAPTER = "ip-adapter_sd15.safetensors"
 ADAPTER_PLUS = "ip-adapter-plus_sd15.safetensors"
+SDXL_VITH = "ip-adapter_sdxl_vit-h.safetensors"  # ViT-H encoder (clip_vision/image_encoder)
+SDXL_BIGG = "ip-adapter_sdxl.safetensors"  # ViT-bigG encoder (clip_vision/sdxl_models/image_encoder)
 PROMPT = "a girl, face, red jacket on the upper body, blue jeans on the lower body"
 TINY = dict(prompt=PROMPT, negative_prompt="blurry", width=64, height=64, steps=2, sampler_name="Euler",
             cfg_scale=5, seed=1234, batch_size=1, n_iter=1)
+SIZE128 = dict(width=128, height=128, steps=3)  # the memory baseline's request
 
 
 def reference_png(width=192, height=320, jacket=(200, 30, 30), trousers=(30, 40, 160)) -> str:
@@ -60,6 +70,8 @@ def pose_png(size=64) -> str:
 REF = reference_png()
 REF2 = reference_png(jacket=(180, 180, 190), trousers=(90, 60, 30))
 TWO_PROMPT = "a girl on the left and a knight on the right, face, upper body, lower body"
+REF_SQUARE = reference_png(256, 256)
+REF_TALL = reference_png(256, 512)
 
 
 def unit(**kw):
@@ -194,7 +206,28 @@ CASES = {
     "no_image": lambda: txt2img([unit(image=None)]),
     "bad_key": lambda: txt2img([unit(wieght=0.5)]),
     "path_as_image": lambda: txt2img([unit(image="/etc/hostname")]),
+    "plain_128": lambda: txt2img(**SIZE128),
+    "regions_128": lambda: txt2img([unit()], **SIZE128),  # 3 regions, 192x320 reference (512x853 pass)
+    # SDXL (reference pass at short side 1024: a 256x256 reference is one UNet pass at 1024x1024)
+    "sdxl_plain": lambda: txt2img(),
+    "sdxl_plain_128": lambda: txt2img(**SIZE128),
+    "sdxl_square_128": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE)], **SIZE128),
+    "sdxl_square": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE)]),
+    # + the ViT-bigG encoder (1.8 G parameters, 7.4 GB in fp32) on top: also only under a cap
+    "sdxl_square_bigg_capped": lambda: txt2img([unit(model=SDXL_BIGG, image=REF_SQUARE)]),
+    "sdxl_square_show_masks": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, show_masks=True)]),
+    "sdxl_square_global": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, regions=[])]),
+    "sdxl_xyz_weight": xyz("[Character-Adapter] Weight", "0, 0.8", args=[unit(model=SDXL_VITH, image=REF_SQUARE)]),
+    "sdxl_wrong_family": lambda: txt2img([unit(image=REF_SQUARE)]),  # an SD1.5 adapter on SDXL: refused
+    "sdxl_two_characters": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, subject="girl"),
+                                            unit(model=SDXL_VITH, subject="knight",
+                                                 image=reference_png(256, 256, (180, 180, 190), (90, 60, 30)))],
+                                           prompt=TWO_PROMPT, **SIZE128),
+    # DANGER: a 1:2 reference is a 1024x2048 UNet pass; it took the WebUI to 24.3 GB (OOM kill) on a
+    # 24 GB machine. Run only under a hard cap (start_webui.sh MEM_CAP_GB=...).
+    "sdxl_tall_capped": lambda: txt2img([unit(model=SDXL_VITH, image=REF_TALL)], **SIZE128),
 }
+DANGEROUS = ("sdxl_tall_capped", "sdxl_square_bigg_capped")  # never part of "all" or a pattern: name it exactly
 
 
 def strip_images(data):
@@ -263,10 +296,40 @@ def main():
     ap.add_argument("--out", default="/work/realwebui/out")
     ap.add_argument("--log", default="/work/realwebui/webui.log", help="the WebUI's log (start_webui.sh writes it)")
     ap.add_argument("cases", nargs="*")
+    ap.add_argument("--list", action="store_true", help="print the case names and exit")
     a = ap.parse_args()
+    if a.list:
+        print("\n".join(CASES))
+        return
     os.makedirs(a.out, exist_ok=True)
-    for name in a.cases or list(CASES):
+    sdxl = loaded_is_sdxl(a.url)
+    for name in select(a.cases, sdxl):
+        if name.startswith("sdxl_") != sdxl:
+            print(f"{name:22s} skipped: needs the {'SDXL' if name.startswith('sdxl_') else 'SD1.5'} checkpoint loaded")
+            continue
         run(a.url, name, a.out, a.log)
+
+
+def loaded_is_sdxl(url: str) -> bool:
+    """Whether the WebUI's current checkpoint is an SDXL one (by its name: random-sdxl...)."""
+    current = requests.get(f"{url}/sdapi/v1/options", timeout=60).json().get("sd_model_checkpoint", "")
+    return "sdxl" in current.lower()
+
+
+def select(patterns, sdxl: bool):
+    """Case names for the arguments: exact names, globs, or (none) every safe case of the family."""
+    if not patterns:
+        return [n for n in CASES if n.startswith("sdxl_") == sdxl and n not in DANGEROUS]
+    out = []
+    for pattern in patterns:
+        if pattern in CASES:
+            out.append(pattern)
+            continue
+        matched = [n for n in CASES if fnmatch.fnmatchcase(n, pattern) and n not in DANGEROUS]
+        if not matched:
+            raise SystemExit(f"no case matches {pattern!r}; --list shows them")
+        out += matched
+    return out
 
 
 if __name__ == "__main__":
