@@ -263,7 +263,8 @@ def head_mask(width: int, heads: int, device: Optional[torch.device] = None,
 
 def text_maps(q: torch.Tensor, k: torch.Tensor, heads: int, matrix: torch.Tensor,
               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Text attention softmax(q k^T / sqrt(D)) per head, averaged by `matrix` (H*T, R) -> (B, R, N).
+    """Text attention softmax(q k^T / sqrt(D)) per head, averaged by `matrix` (H*T, R), or per row
+    (B, H*T, R) -> (B, R, N).
 
     q (B, N, C), k (B, T, C); `mask` = head_mask(C, H) in map_dtype(q.dtype) (built when None).
     The scores are computed in map_dtype(q.dtype), the softmax and the averages in float32.

@@ -76,7 +76,9 @@ def repeat_tokens(tokens: torch.Tensor, tokens_wanted: int, dim: int) -> torch.T
     return tokens.repeat_interleave(tokens_wanted // have, dim=dim)
 
 
-TokenGroups = Tuple[Tuple[int, ...], ...]  # per map column (region or subject phrase): positions in the text keys; () = absent
+# per map column (a region's or a subject's phrase): the key columns its map averages, prompt
+# positions (>= 0) or phrase-bank rows (< 0, charadapter.phrases); () = not located
+TokenGroups = Tuple[Tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,7 @@ class FusionSession:
         negative_tokens: torch.Tensor,
         config: FusionConfig,
         others: Sequence[CharacterTokens] = (),
+        phrase_bank: Optional[torch.Tensor] = None,
     ):
         characters = [CharacterTokens(ip_weights, region_tokens, negative_tokens, config)] + list(others)
         for index, character in enumerate(characters):
@@ -165,6 +168,7 @@ class FusionSession:
             after_call=self._after_call,
             masks_weighted=not self.global_only,
             enabled=False,
+            bank=phrase_bank,  # (phrases, C_ctx): rows the plan's token groups name with entries < 0
         )
         self._session: Optional[HookSession] = None
         self.latent_hw: Optional[Size] = None
@@ -218,6 +222,11 @@ class FusionSession:
         if session is not None:
             session.remove()
 
+    def set_phrase_bank(self, embeddings: Optional[torch.Tensor]) -> None:
+        """The phrase bank (phrases, C_ctx) whose rows token groups name with entries < 0 (charadapter.phrases)."""
+        self.state.bank = embeddings
+        self.state.forget_bank_keys()
+
     @property
     def installed(self) -> bool:
         return self._session is not None
@@ -240,6 +249,7 @@ class FusionSession:
         self.step = 0
         self.plan = None
         self._forget_step()
+        self.state.forget_bank_keys()  # projected with this pass's weights when first needed
 
     def begin_step(self, step: int, plan: RowPlan) -> None:
         """Before a denoiser call: fold the last step's maps into masks, restart the row count."""
@@ -247,7 +257,7 @@ class FusionSession:
             raise CharacterAdapterError("begin_step before begin_pass: the latent size is unknown")
         if not self.global_only:
             for groups in plan.token_groups:
-                if groups is not None and len(groups) != self.map_columns:
+                if groups and len(groups) != self.map_columns:  # () = a row that gives no maps
                     raise CharacterAdapterError(
                         f"row plan: {len(groups)} token groups per row, the session maps {self.map_columns} "
                         f"phrases (region phrases, then subject phrases)")
@@ -359,13 +369,16 @@ class FusionSession:
             state.masks = None
         else:
             state.masks = self._masks_for(tuple(plan.image[r] for r in self._call_rows), x.device)
-        groups = self._groups_for_maps(cond)
-        state.token_groups = state.map_rows = None
+        state.token_groups = state.map_rows = state.row_groups = None
         self._map_picks = []
-        if self.collecting and groups and any(groups):
-            # maps of the cond rows that carry these groups, computed over the run of rows that spans them
-            local = [i for i, r in enumerate(self._call_rows) if plan.is_cond[r] and plan.token_groups[r] == groups]
-            state.token_groups = groups
+        local = [i for i, r in enumerate(self._call_rows) if plan.is_cond[r] and any(plan.token_groups[r] or ())]
+        if self.collecting and local:
+            # maps of the cond rows that have columns, computed over the run of rows that spans them;
+            # rows of the run without columns (none in the common layouts) give zero maps, unused
+            empty = ((),) * self.map_columns
+            groups = tuple(plan.token_groups[self._call_rows[i]] or empty for i in range(local[0], local[-1] + 1))
+            state.token_groups = groups[0]
+            state.row_groups = groups if len(set(groups)) > 1 else None  # rows with other prompts
             state.map_rows = slice(local[0], local[-1] + 1)
             self._map_picks = [(i - local[0], plan.image[self._call_rows[i]]) for i in local]
         state.enabled = True
@@ -382,14 +395,6 @@ class FusionSession:
                 weights = self._step_weights[self._active] = self._weights * active
             found = self._device_weights[key] = weights.to(device)
         return found
-
-    def _groups_for_maps(self, cond: List[bool]) -> Optional[TokenGroups]:
-        """Token groups of the first cond row; rows with other groups give no maps this call."""
-        assert self.plan is not None
-        for row, is_cond in zip(self._call_rows, cond):
-            if is_cond:
-                return self.plan.token_groups[row]
-        return None
 
     def _after_call(self, state: RegionState) -> None:
         """UNet exit: add the recorded maps of this call's map rows to their images' sums, per grid."""

@@ -35,6 +35,7 @@ from .attention import (
 from .errors import CharacterAdapterError, GeometryError
 from .geometry import Size, check_grid, downsampled_hw
 from .layers import AttnLayer
+from .phrases import bank_rows, resolve_columns
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
 # torch keeps per-hook flags in side dicts keyed by the same handle id (2.0: with_kwargs, 2.1+: always_call)
@@ -171,6 +172,9 @@ class RegionState:
     the life of the state (its device/dtype copies are cached): make a new state when the tokens
     change. `masks` and `weights` are read once per UNet call: give them on the UNet's device.
     Text maps of the rows `map_rows` come out per layer in `maps` and per grid in `grid_maps`.
+    `bank` holds the token embeddings of phrases located from themselves (charadapter.phrases):
+    token-group entries < 0 name its rows, which the map layers project with their own to_k and
+    append to the prompt's keys, for the maps only (projections kept until `forget_bank_keys`).
     """
 
     kv: Sequence[Tuple[torch.Tensor, torch.Tensor]]
@@ -179,12 +183,14 @@ class RegionState:
     masks: Optional[Dict[Size, torch.Tensor]] = None
     map_layers: FrozenSet[int] = frozenset()                 # layer indices whose text maps are recorded
     token_groups: Optional[Sequence[Sequence[int]]] = None   # text key columns of each region phrase
+    row_groups: Optional[Tuple[Sequence[Sequence[int]], ...]] = None  # per map row, when the rows differ
     before_call: Optional[Callable[["RegionState", torch.Tensor], None]] = None  # (state, x) at UNet entry
     after_call: Optional[Callable[["RegionState"], None]] = None                 # at UNet exit
     enabled: bool = True
     add_term: bool = True                                    # False: record maps only (weights unread)
     map_rows: Optional[slice] = None                         # rows of the call whose maps are recorded
     masks_weighted: bool = False                             # masks already hold w * w_r * M_r
+    bank: Optional[torch.Tensor] = None                      # (P, C_ctx) phrase-bank rows, named by entries < 0
     # written by the hooks, per UNet call
     latent_hw: Optional[Size] = None
     batch: Optional[int] = None
@@ -198,6 +204,10 @@ class RegionState:
     _text_matrix: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _head_mask: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _rows_seen: Any = field(default=None, repr=False)
+    _groups_seen: Optional[tuple] = field(default=None, repr=False)  # (token_groups, row_groups, as ints)
+    _bank_rows: Dict[tuple, Tuple[int, ...]] = field(default_factory=dict, repr=False)  # groups -> bank rows
+    _bank_keys: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # per layer: (P, C)
+    _run_bank_keys: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # per run: (L*B, P, C)
     _rows_key: Optional[Tuple[int, ...]] = field(default=None, repr=False)
 
     def start_call(self, latent_hw: Size, batch: int) -> None:
@@ -213,15 +223,17 @@ class RegionState:
         self._pending.clear()
         self._coef.clear()
 
-    def add_map(self, layer: AttnLayer, hw: Size, q: torch.Tensor, k: torch.Tensor) -> None:
-        """Queue one map layer's q (B_map, N, C) and k (B_map, T, C). A run (the map layers of one
+    def add_map(self, layer: AttnLayer, hw: Size, q: torch.Tensor, k: torch.Tensor,
+                bank_keys: Optional[torch.Tensor] = None) -> None:
+        """Queue one map layer's q (B_map, N, C), k (B_map, T, C) and projected bank rows (P, C) or
+        None. A run (the map layers of one
         level in the down or in the up half of the UNet, which run one after another) is computed
         together once its last layer ran: a handful of kernels for all of them, and nothing is
         held across the bottleneck, where the UNet's memory peaks."""
         run = self.map_runs.get(layer.index, ("", layer.index))
         group = (run, hw, layer.heads, tuple(q.shape[1:]), tuple(k.shape[1:]))
         pending = self._pending.setdefault(group, [])
-        pending.append((layer.index, q, k))
+        pending.append((layer.index, q, k, bank_keys))
         if len(pending) == self.run_sizes.get(run, 1):
             self.flush_maps(group)
 
@@ -234,15 +246,70 @@ class RegionState:
             _, hw, heads, _, _ = key
             q = pending[0][1] if len(pending) == 1 else torch.cat([p[1] for p in pending])  # (L*B_map, N, C)
             k = pending[0][2] if len(pending) == 1 else torch.cat([p[2] for p in pending])  # (L*B_map, T, C)
-            matrix = self.text_matrix(k.shape[1], heads, q.device)
+            prompt_tokens = k.shape[1]
+            if pending[0][3] is not None:  # phrases located from themselves: their keys after the prompt's
+                k = torch.cat([k, self._stacked_bank_keys(pending, k.shape[0] // len(pending))], dim=1)  # (L*B_map, T+P, C)
+            matrix = self.text_matrix(k.shape[1], heads, q.device, prompt_tokens, layers=len(pending))
             mask = self.head_mask(q.shape[2], heads, q.device, map_dtype(q.dtype))
             with _plain_math(q.device):
                 maps = text_maps(q, k, heads, matrix, mask)  # (L*B_map, R, N)
             maps = maps.view(len(pending), -1, *maps.shape[1:])  # (L, B_map, R, N)
             previous = self.grid_maps.get(hw)
             self.grid_maps[hw] = maps if previous is None else torch.cat([previous, maps])
-            for i, (index, _, _) in enumerate(pending):
+            for i, (index, _, _, _) in enumerate(pending):
                 self.maps[index] = (hw, maps[i])
+
+    def bank_keys(self, layer: AttnLayer, to_k: nn.Module, device: torch.device, dtype: torch.dtype
+                  ) -> Optional[torch.Tensor]:
+        """The bank rows the current token groups name, projected with this layer's own to_k
+        (P, C_inner) in the keys' dtype; None when the groups name prompt tokens only. Computed
+        at the layer (where a low-VRAM host has put its weights) once per pass."""
+        rows = self.groups_bank_rows()
+        if not rows:
+            return None
+        key = (layer.index, rows, device, dtype)
+        found = self._bank_keys.get(key)
+        if found is None:
+            if self.bank is None:
+                raise CharacterAdapterError(f"token groups name phrase-bank rows {rows} but no phrase bank is set")
+            pick = torch.tensor(rows, dtype=torch.long)
+            phrases = self.bank.index_select(0, pick).to(device=device, dtype=dtype)  # (P, C_ctx)
+            # the module itself, as the host calls it (LoRA, fp8 casts); its q/k are already captured
+            found = self._bank_keys[key] = to_k(phrases).to(dtype)  # (P, C_inner)
+        return found
+
+    def groups_bank_rows(self) -> Tuple[int, ...]:
+        """The bank rows the current token groups name, over every map row (cached per groups)."""
+        if not self.token_groups:
+            return ()
+        key = self._groups_key()
+        found = self._bank_rows.get(key)
+        if found is None:
+            found = self._bank_rows[key] = bank_rows([g for row in key for g in row])
+        return found
+
+    def _groups_key(self) -> Tuple[Tuple[Tuple[int, ...], ...], ...]:
+        """The map rows' groups as ints: one entry when the rows share them (made once per call)."""
+        seen = self._groups_seen
+        if seen is None or seen[0] is not self.token_groups or seen[1] is not self.row_groups:
+            rows = self.row_groups or (self.token_groups or (),)
+            key = tuple(tuple(tuple(int(t) for t in g) for g in groups) for groups in rows)
+            seen = self._groups_seen = (self.token_groups, self.row_groups, key)
+        return seen[2]
+
+    def forget_bank_keys(self) -> None:
+        """Drop the projected bank rows (a new pass may bring other weights: LoRA, another UNet)."""
+        self._bank_keys.clear()
+        self._run_bank_keys.clear()
+
+    def _stacked_bank_keys(self, pending: list, batch: int) -> torch.Tensor:
+        """The projected bank rows of a run's layers, one copy per map row (L*B_map, P, C), cached."""
+        key = (tuple(p[0] for p in pending), batch, tuple(id(p[3]) for p in pending))
+        found = self._run_bank_keys.get(key)
+        if found is None:
+            found = torch.cat([p[3].expand(batch, -1, -1) for p in pending])  # (L*B_map, P, C)
+            self._run_bank_keys[key] = found
+        return found
 
     def _rows_for(self, batch: int) -> Optional[Tuple[int, ...]]:
         rows = self.rows
@@ -298,13 +365,25 @@ class RegionState:
         coef = region_coefficients(masks, weights, batch, regions, positions, device)  # (B|1, N|1, R)
         return coef.to(dtype), 1.0
 
-    def text_matrix(self, tokens: int, heads: int, device: torch.device) -> torch.Tensor:
-        """(H*T, R) averaging matrix of the current token groups (cached)."""
-        groups = tuple(tuple(int(t) for t in g) for g in self.token_groups or ())
-        key = (groups, tokens, heads, device)
+    def text_matrix(self, tokens: int, heads: int, device: torch.device,
+                    prompt_tokens: Optional[int] = None, layers: int = 1) -> torch.Tensor:
+        """Averaging matrix of the current token groups over T key columns, the first
+        `prompt_tokens` (default all) the prompt's, the rest the named bank rows (cached): (H*T, R)
+        when the map rows share their groups, else (L*B_map, H*T, R) for `layers` layers' rows."""
+        key_groups = self._groups_key()
+        prompt_tokens = tokens if prompt_tokens is None else prompt_tokens
+        per_row = len(key_groups) > 1
+        key = (key_groups, tokens, prompt_tokens, heads, device, layers if per_row else 1)
         found = self._text_matrix.get(key)
         if found is None:
-            found = self._text_matrix[key] = text_map_matrix(groups, tokens, heads, device, allow_empty=True)
+            rows = self.groups_bank_rows()
+            if len(rows) != tokens - prompt_tokens:
+                raise GeometryError(f"{tokens - prompt_tokens} key columns after the prompt, but the token "
+                                    f"groups name {len(rows)} phrase-bank rows")
+            matrices = [text_map_matrix(resolve_columns(groups, prompt_tokens, rows), tokens, heads, device,
+                                        allow_empty=True) for groups in key_groups]  # each (H*T, R)
+            found = torch.stack(matrices * layers) if per_row else matrices[0]  # (L*B_map, H*T, R) or (H*T, R)
+            self._text_matrix[key] = found
         return found
 
     def head_mask(self, width: int, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -461,7 +540,7 @@ class _LayerHooks:
             if slot.k_calls != 1 or k is None or k.shape[0] != batch:
                 k = attn.to_k(slot.context if slot.context is not None else slot.x)
             rows = state.map_rows or slice(None)
-            state.add_map(layer, hw, q[rows], k[rows])
+            state.add_map(layer, hw, q[rows], k[rows], state.bank_keys(layer, attn.to_k, k.device, k.dtype))
 
         if not state.add_term:
             return None

@@ -4,7 +4,7 @@ import colorsys
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from .geometry import Box, Frac, content_rect
 
@@ -61,4 +61,27 @@ def layout_overlay(image: Image.Image, labels: np.ndarray, paste_to: Optional[Se
     x, y, w, h = (int(v) for v in paste_to)
     out = image.convert("RGB")
     out.paste(mask_overlay(out.crop((x, y, x + w, y + h)), labels, colors=colors), (x, y))
+    return out
+
+
+def with_legend(image: Image.Image, lines: Sequence[str],
+                colors: Optional[Sequence[Tuple[int, int, int]]] = None) -> Image.Image:
+    """The image over a white strip with one line per region: its tint colour, then `lines[r]`
+    (the strip widens the picture when a line is longer than the image is wide)."""
+    if not lines:
+        return image
+    colors = list(colors) if colors else PALETTE
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(image)
+    boxes = [probe.textbbox((0, 0), line, font=font) for line in lines]
+    line_h = max(b[3] for b in boxes) + 4
+    swatch = line_h - 4
+    width = max(image.width, max(b[2] for b in boxes) + swatch + 12)
+    out = Image.new("RGB", (width, image.height + line_h * len(lines) + 4), (255, 255, 255))
+    out.paste(image.convert("RGB"), (0, 0))
+    draw = ImageDraw.Draw(out)
+    for r, line in enumerate(lines):
+        y = image.height + 4 + r * line_h
+        draw.rectangle((4, y, 4 + swatch - 1, y + swatch - 1), fill=colors[r % len(colors)])
+        draw.text((8 + swatch, y), line, fill=(0, 0, 0), font=font)
     return out

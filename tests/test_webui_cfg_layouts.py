@@ -101,8 +101,9 @@ def expected_groups(sd_model, text):
 
 
 def check_rows(rec, sd_model, prompts, negatives):
-    """Every row of every recorded call: right token set, right image, right phrase positions
-    (a call whose rows cond_mark corrected was not in the plan: only its token sets count)."""
+    """Every row of every recorded call: right token set, right image, right phrase positions in
+    each image's first AND part and none in the others (a call whose rows cond_mark corrected was
+    not in the plan: only its token sets count)."""
     subprompts = {i: [s.strip() for s in p.split(" AND ")] for i, p in enumerate(prompts)}
     texts = {t for subs in subprompts.values() for t in subs} | set(negatives)
     known = embeddings(sd_model, texts)
@@ -121,7 +122,9 @@ def check_rows(rec, sd_model, prompts, negatives):
             else:
                 assert call["rows"][local] == COND and call["plan"].is_cond[row]
                 assert call["plan"].image[row] in images[text]
-                assert call["plan"].token_groups[row] == expected_groups(sd_model, text)
+                plan = call["plan"]
+                first_part = row == 0 or plan.image[row - 1] != plan.image[row]  # the layout reads AND part 1 only
+                assert plan.token_groups[row] == (expected_groups(sd_model, text) if first_part else ())
             checked += 1
     return checked
 
@@ -530,3 +533,37 @@ def test_sdxl_calling_convention(tmp_path, monkeypatch):
         ca_caches.SEGMENTATION_CACHE.clear()
         with pytest.raises(CharacterAdapterError, match="SD15 adapter but the loaded checkpoint is SDXL"):
             generate(script, runner)
+
+
+def test_sdxl_locates_regions_the_prompt_does_not_name(tmp_path, monkeypatch):
+    """SDXL's dict conditioning: the phrase rows come from "crossattn" (both encoders' channels)."""
+    from charadapter import fusion as ca_fusion
+    from charadapter.webui import prompts as ca_prompts
+
+    model = make_sd_model()
+    seen = []
+    original_remove = ca_fusion.FusionSession.remove
+    monkeypatch.setattr(ca_fusion.FusionSession, "remove",
+                        lambda self: seen.append((self.masks, self.state.bank)) or original_remove(self))
+    with hosted(model, tmp_path, monkeypatch) as (runner, script):
+        xl = sd_models.register_model(TinySDXL(model), arch="sdxl")
+        monkeypatch.setitem(ca_reference_pass.PASS_AREA, "sdxl", 64 * 128)
+        sd15 = ca_caches.ADAPTER_CACHE.get("tiny-adapter")
+        spec = dataclasses.replace(sd15.spec, arch="sdxl", variant="sdxl", encoder="ViT-bigG-14")
+        ca_caches.ADAPTER_CACHE.put("tiny-adapter", dataclasses.replace(sd15, spec=spec))
+        prompt = "a knight riding a horse at dusk"
+        before = plain(runner, script, prompt=prompt)
+        p, processed = generate(script, runner, prompt=prompt, steps=3)
+        assert no_errors()
+        assert p.extra_generation_params["Character-Adapter located"] == (
+            "face: from the phrase, upper body: from the phrase, lower body: from the phrase")
+        (masks, bank), = seen
+        with torch.no_grad():
+            upper = xl.get_learned_conditioning(["upper body"])["crossattn"][0]  # (77, C)
+        assert torch.equal(bank[1:3], upper[1:3].float())  # face is one token, then upper body's two
+        regions = masks[:, 1:]
+        assert ((regions.amax(dim=2) - regions.amin(dim=2)) > 0.3).all()
+        assert changed(processed, before)
+        assert ours(xl.model.diffusion_model) == 0
+        ca_caches.ADAPTER_CACHE.put("tiny-adapter", sd15)
+        assert ca_prompts.phrase_token_count(xl, "face") == 1

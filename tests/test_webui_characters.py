@@ -148,11 +148,28 @@ def test_show_masks_gives_each_reference_and_the_layout_by_character(host, sd_mo
     assert references[0].size == reference_image().size and references[1].size == second_image().size
     layout = np.asarray(processed.images[4].convert("RGB"), dtype=np.int32)
     result = np.asarray(processed.images[0].convert("RGB"), dtype=np.int32)
-    assert np.abs(layout - result).max() > 0  # tinted
+    assert np.abs(layout[:64, :64] - result).max() > 0  # tinted
+    lines, colors = show_masks_legend(p)
+    assert len(lines) == 6 + 2 and lines[0].startswith("Character 1, face: ") and lines[3].startswith("Character 2, face")
+    assert lines[6].startswith("Character 1, subject girl: in the prompt") and colors[0] != colors[3]
+    assert layout.shape[0] > 64  # the legend below the picture
     # character 1's regions are shades of red, character 2's of green: the reference pictures show them
     ref1 = np.asarray(references[0], dtype=np.int32) - np.asarray(reference_image(), dtype=np.int32)
     ref2 = np.asarray(references[1], dtype=np.int32) - np.asarray(second_image(), dtype=np.int32)
     assert ref1[..., 0].sum() > ref1[..., 1].sum() and ref2[..., 1].sum() > ref2[..., 0].sum()
+
+
+def show_masks_legend(p):
+    """The legend lines and colours Show masks writes under the first layout picture of `p`'s run."""
+    from charadapter.overlays import pair_colors
+    from charadapter.webui.show_masks import legend
+
+    params = Params(enabled=True, characters=characters(2))
+    kinds = [v.split(": ")[1] for v in p.extra_generation_params["Character-Adapter located"].split(", ")]
+    phrases = [v.split(": ")[0] for v in p.extra_generation_params["Character-Adapter located"].split(", ")]
+    by_phrase = dict(zip(phrases, kinds))
+    columns = [r.phrase for c in params.characters for r in c.regions] + [c.subject for c in params.characters]
+    return legend(params, columns, [by_phrase[c] for c in columns], pair_colors([3, 3]))
 
 
 def test_each_reference_is_segmented_and_encoded_once(host, monkeypatch):
@@ -189,11 +206,18 @@ def test_one_units_bad_input_stops_the_run_naming_it(host, sd_model, bad, messag
     assert run(runner, script, count=2)[2] is None  # the next run is fine
 
 
-def test_a_missing_subject_phrase_is_reported(host):
+def test_a_subject_the_prompt_lacks_is_located_from_the_phrase(host, monkeypatch):
+    """As for region phrases (issue 14): the knight's figure comes from the phrase's own tokens,
+    the infotext says so, and nothing is reported missing."""
     runner, script = host
+    layouts = layout_spy(script, monkeypatch)
     p, processed, error = run(runner, script, count=2, prompt="a girl, face, upper body, lower body")
-    assert error is None
-    assert any("'knight' (the subject of Character 2) is not in the prompt" in c for c in p.comments)
+    assert error is None and no_errors()
+    located = p.extra_generation_params["Character-Adapter located"]
+    assert "girl: in the prompt" in located and "knight: from the phrase" in located
+    assert located.count("face:") == 1  # a region phrase both characters use is listed once
+    assert not [c for c in p.comments if "could not be located" in c]
+    assert layouts[-1][1].shape == (1, 7, 64)
 
 
 # ---------------------------------------------------------------- img2img / inpainting

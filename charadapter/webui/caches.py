@@ -1,4 +1,5 @@
-"""What stays in memory between generations: adapters, the image encoder, reference segmentations.
+"""What stays in memory between generations: adapters, the image encoder, reference segmentations,
+region phrases encoded on their own.
 
 Keys are file paths and content hashes, never per-generation objects; sizes follow Settings →
 Character-Adapter (settings.apply_cache_settings).
@@ -16,6 +17,7 @@ ADAPTER_CACHE = BoundedCache(DEFAULT_ADAPTERS_LOADED)  # path -> IPAdapterWeight
 ENCODER_CACHE = BoundedCache(1)  # path -> CLIP vision model
 SEGMENTATION_CACHE = BoundedCache(DEFAULT_SEGMENTATION_CACHE)  # reference + phrases + model -> masks
 REFERENCE_CACHE = BoundedCache(DEFAULT_SEGMENTATION_CACHE)  # the same + adapter + encoder -> Reference
+PHRASE_CACHE = BoundedCache(64)  # phrase + checkpoint + text settings -> its own token rows (a few KB each)
 
 
 def cache_size(value: Any, default: int) -> int:

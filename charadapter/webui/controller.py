@@ -17,10 +17,11 @@ from ..errors import CharacterAdapterError, InputError
 from ..fusion import CharacterTokens, FusionConfig, FusionSession
 from ..hooks import HookSession, MarkedHook, clear_stale
 from ..layers import check_adapter_layers, find_attn2_layers
-from ..params import Character, Params
+from ..params import INFOTEXT_PREFIX, Character, Params
 from . import refusal
 from .host import check_architecture, unet_of
-from .prompts import PhraseFinder, row_plan
+from .prompts import (FROM_PHRASE, PhraseFinder, encoder_key, image_texts, located_infotext, phrase_bank,
+                      row_plan)
 from .reference_pass import Prepared, ResolveModel, prepare
 from .rows import RowCheck
 from .show_masks import show_masks
@@ -65,6 +66,9 @@ class Generation:
         self.p: Any = None
         self.hires = False
         self.phrases = map_phrases(params)
+        self.located: List[Tuple[str, ...]] = []  # per image of the run: how each mapped phrase is located
+        self.needs_bank = False  # some phrase is absent from some prompt: locate it from the phrase itself
+        self.located_infotext: Any = None  # the "located" infotext value (a text, or one per image)
 
     def remove_hooks(self) -> None:
         """Remove the fusion hooks and the row check; safe to call twice."""
@@ -121,8 +125,18 @@ class Controller:
         except InputError as err:
             self.error, self.refused = str(err), True
             return self._report(p)
-        self.generation = Generation(params, prepared)
+        gen = self.generation = Generation(params, prepared)
+        try:
+            self._locate(p, gen)
+        except CharacterAdapterError as err:
+            self.error, self.refused = str(err), isinstance(err, InputError)
+            return self._report(p)
+        except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
+            self._fail("locating the phrases", err)
+            return self._report(p)
         p.extra_generation_params.update(params.to_infotext([done.image_hash for done in prepared]))
+        if gen.located_infotext is not None:
+            p.extra_generation_params[f"{INFOTEXT_PREFIX} located"] = gen.located_infotext
         for character, done in zip(params.characters, prepared):
             label = character_label(params, character)
             for name in done.reference.empty_regions:
@@ -132,6 +146,17 @@ class Controller:
                 p.comment(f"Character-Adapter: {label}the reference is animated ({done.image.info['frames']} "
                           f"frames); its first frame is used.")
         return None
+
+    @staticmethod
+    def _locate(p, gen: Generation) -> None:
+        """How each image's mapped phrases (regions, subjects) will be located (the first AND part
+        of its prompt, every prompt edit): whether a phrase bank is needed, and the infotext value
+        saying so."""
+        if not gen.phrases.phrases:
+            return
+        gen.located = [gen.phrases.locations(p.sd_model, texts) for texts in image_texts(p, p.steps)]
+        gen.needs_bank = any(FROM_PHRASE in kind for kinds in gen.located for kind in kinds)
+        gen.located_infotext = located_infotext(gen.phrases, p.sd_model, p.steps, gen.located)
 
     def _report(self, p) -> None:
         if not self.error.startswith("Character-Adapter"):  # loader errors name the file, not us
@@ -211,6 +236,10 @@ class Controller:
             gen.row_check = RowCheck(unet, layers, gen.fusion.state).install()
         gen.p = p
         gen.hires = bool(getattr(p, "is_hr_pass", False))
+        if gen.needs_bank:  # each pass: the encodings follow this pass's checkpoint and networks (cached)
+            bank, gen.phrases.bank_entries = phrase_bank(p.sd_model, gen.phrases.phrases,
+                                                         encoder_key(p.sd_model, p, gen.hires))
+            gen.fusion.set_phrase_bank(bank.embeddings)
         steps = int(getattr(p, "hr_second_pass_steps", 0) or p.steps) if gen.hires else int(p.steps)
         gen.fusion.begin_pass(tuple(x.shape[-2:]), steps)
         return None
@@ -260,7 +289,7 @@ class Controller:
         gen = self.generation
         try:
             if gen is not None and gen.params.show_masks:
-                show_masks(gen.p, processed, gen.params, gen.prepared, gen.fusion)
+                show_masks(gen.p, processed, gen.params, gen.prepared, gen.fusion, gen.phrases.phrases, gen.located)
         finally:
             self.end()
 

@@ -164,7 +164,7 @@ def build_ui(is_img2img: bool, listing_fn: Callable[[], Any],
                 )
                 c[f"{prefix}region{slot}_phrase"] = gr.Textbox(
                     value="" if region.phrase == region.reference_phrase else region.phrase,
-                    label=f"Region {slot}: phrase in the prompt", placeholder="same as reference phrase",
+                    label=f"Region {slot}: phrase in the new image", placeholder="same as reference phrase",
                     lines=1, max_lines=1, elem_id=uid(f"region{slot}_phrase"),
                 )
                 c[f"{prefix}region{slot}_weight"] = gr.Slider(

@@ -1,8 +1,9 @@
 """Drive a running WebUI (tools/real_webui/start_webui.sh) through its HTTP API, the way a user
 would, and report per case: HTTP status (flagged when it is not the expected one: 422 for a
 refused input, 500 for a failure, else 200), images returned, whether the infotext carries
-"Character-Adapter", the error text, and what the request added to the WebUI's log (--log): lines
-naming us, a traceback. Results (JSON without the image data, PNGs) go to --out.
+"Character-Adapter", how the regions were located (flagged where EXPECT_LOCATED says what to
+expect), the error text, and what the request added to the WebUI's log (--log): lines naming us,
+a traceback. Results (JSON without the image data, PNGs) go to --out.
 
     python api_checks.py [--url http://127.0.0.1:7861] [--out DIR] [case|pattern ...]
     python api_checks.py --list
@@ -160,6 +161,8 @@ CASES = {
                                                     {"reference_phrase": "upper body", "phrase": "red jacket"},
                                                     {"reference_phrase": "lower body", "phrase": "blue jeans"}])]),
     "dict_global": lambda: txt2img([unit(regions=[])]),
+    # no region phrase in the prompt: every region located from its phrase (expect "from the phrase")
+    "no_region_phrase": lambda: txt2img([unit(show_masks=True)], prompt="a knight riding a horse at dusk"),
     "dict_plus_hard_box": lambda: txt2img([unit(model=ADAPTER_PLUS, fusion="hard", crop="box")]),
     "dict_auto_encoder": lambda: txt2img([unit(encoder="Auto")]),
     "dict_named_encoder": lambda: txt2img([unit(encoder="image_encoder")]),
@@ -217,6 +220,8 @@ CASES = {
     "sdxl_square_bigg_capped": lambda: txt2img([unit(model=SDXL_BIGG, image=REF_SQUARE)]),
     "sdxl_square_show_masks": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, show_masks=True)]),
     "sdxl_square_global": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, regions=[])]),
+    "sdxl_no_region_phrase": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, show_masks=True)], **SIZE128,
+                                             prompt="a knight riding a horse at dusk"),
     "sdxl_xyz_weight": xyz("[Character-Adapter] Weight", "0, 0.8", args=[unit(model=SDXL_VITH, image=REF_SQUARE)]),
     "sdxl_wrong_family": lambda: txt2img([unit(image=REF_SQUARE)]),  # an SD1.5 adapter on SDXL: refused
     "sdxl_two_characters": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, subject="girl"),
@@ -228,6 +233,16 @@ CASES = {
     "sdxl_tall_capped": lambda: txt2img([unit(model=SDXL_VITH, image=REF_TALL)], **SIZE128),
 }
 DANGEROUS = ("sdxl_tall_capped", "sdxl_square_bigg_capped")  # never part of "all" or a pattern: name it exactly
+
+
+LOCATED = f'{TITLE} located: "'
+# what the first infotext's "Character-Adapter located" must contain
+EXPECT_LOCATED = {
+    "no_region_phrase": "face: from the phrase, upper body: from the phrase, lower body: from the phrase",
+    "sdxl_no_region_phrase": "face: from the phrase, upper body: from the phrase, lower body: from the phrase",
+    "dict": "face: in the prompt, upper body: in the prompt, lower body: in the prompt",
+    "dict_regions": "face: in the prompt, red jacket: in the prompt, blue jeans: in the prompt",
+}
 
 
 def strip_images(data):
@@ -270,11 +285,14 @@ def run(url, name, out_dir, log_path=None):
     with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
         json.dump(dict(strip_images(data), info=info or data.get("info")), f, indent=1, default=str)
     ours = [TITLE in t for t in infotexts]
+    located = [t.split(LOCATED, 1)[1].split('"')[0] if LOCATED in t else "" for t in infotexts[:1]]
+    want = EXPECT_LOCATED.get(name)
+    check = "" if want is None else (" located OK" if located and want in located[0] else " located FAILED")
     error = data.get("errors") or data.get("error") or data.get("detail") or ""
     expected = EXPECTED_STATUS.get(name, 200)
     status = f"HTTP {r.status_code}" + ("" if r.status_code == expected else f" (EXPECTED {expected})")
     print(f"{name:22s} {status} {dt:6.1f}s images={len(images)} infotexts={len(infotexts)} "
-          f"ours={ours} {str(error)[:300]}{log_note(log_path, log_start)}", flush=True)
+          f"ours={ours} located={located}{check} {str(error)[:300]}{log_note(log_path, log_start)}", flush=True)
     return r.status_code, data
 
 
