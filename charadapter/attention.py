@@ -3,15 +3,19 @@
 Glossary for shapes: B batch rows, N = h*w positions, T tokens, H heads, D head dim,
 R regions, C channels (C_inner = H*D, the width of to_q/to_k/to_v outputs).
 
-Both run on q exactly as the host's to_q returned it, (B, N, C), without splitting heads: keys
-are laid out block-diagonally (head h's keys fill only rows h*D..(h+1)*D), so one matmul gives
-the scores of every head, region and token, and one more gives the values already in to_out's
-input layout. That costs H times the (tiny: T is 4-16 per region) score flops but saves the
-copies that a head split of q and a merge of the output need, and keeps the kernel count per
-layer at 3-4, which is what an attention hook costs on a GPU.
+Both go through torch's fused attention (F.scaled_dot_product_attention: one kernel on a GPU,
+flash or memory-efficient, and one operator on a CPU), so what a layer launches does not grow
+with the number of regions or tokens:
+- the region term copies q R times along the head axis, (B, N, R*H, D), so one attention call
+  gives every region its own softmax over its own tokens; the fused kernels store the result as
+  (B, N, R, C), which the masks weigh and add to the host's attention output in one batched
+  product (baddbmm, in place): 3 operators per layer for any R, 2 for one region;
+- the text maps attend the text keys with values that are the averaging matrix (a column per
+  region, 1/(H*|tokens|) on its tokens), so the attention output itself holds the maps, summed
+  over heads in one reduction. Extra key rows (more tokens, e.g. a phrase's own embedding) are
+  just more rows of k and of the values: nothing else changes.
 """
 
-import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -38,17 +42,24 @@ def _as_regions(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
+def _check_weights(weights: Optional[torch.Tensor], batch: int, regions: int) -> Optional[torch.Tensor]:
+    """Weights as (B|1, R) float32 on their own device, or None."""
+    if weights is None:
+        return None
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    if w.shape not in ((regions,), (batch, regions), (1, regions)):
+        raise GeometryError(f"weights: expected ({regions},) or ({batch}, {regions}), got {tuple(w.shape)}")
+    return w.reshape(-1, regions)  # (B or 1, R)
+
+
 def region_coefficients(
     masks: Optional[torch.Tensor], weights: Optional[torch.Tensor], batch: int, regions: int, positions: int,
     device: torch.device,
 ) -> torch.Tensor:
     """w_r * M_r as (B|1, N|1, R) float32; masks None means 1, weights None means 1."""
-    w = None
-    if weights is not None:
-        w = torch.as_tensor(weights, dtype=torch.float32, device=device)
-        if w.shape not in ((regions,), (batch, regions), (1, regions)):
-            raise GeometryError(f"weights: expected ({regions},) or ({batch}, {regions}), got {tuple(w.shape)}")
-        w = w.reshape(-1, 1, regions)  # (B or 1, 1, R)
+    w = _check_weights(weights, batch, regions)
+    if w is not None:
+        w = w.to(device).view(-1, 1, regions)  # (B or 1, 1, R)
     if masks is None:
         return w if w is not None else torch.ones(1, 1, regions, device=device)
     if masks.ndim != 3 or masks.shape[1] != regions or masks.shape[2] != positions or masks.shape[0] not in (1, batch):
@@ -74,25 +85,24 @@ def _check_kv(q_shape: Tuple[int, ...], keys: torch.Tensor, values: torch.Tensor
     return keys, values
 
 
-class IPHeads(NamedTuple):
-    """IP keys and values of R regions, block-diagonal over heads (see the module docstring).
+class RegionKV(NamedTuple):
+    """IP keys and values of R regions for B rows, in the attention layout of `add_region_term`.
 
-    Columns of `keys` (rows of `values`) run over (T, H, R), token-major: the softmax over a
-    region's T tokens then runs over a middle axis with H*R contiguous lanes, which vectorises
-    (a softmax over a last axis of 4 does not: ~15x slower on a CPU).
+    Head axis r*H + h holds region r's head h; the region weights are folded into the values
+    (the term is linear in them), so a step multiplies by nothing but the masks.
     """
 
-    keys: torch.Tensor    # (B, C, T*H*R): head h's channels of column (t, h, r) hold K_r[t, h] / sqrt(D)
-    values: torch.Tensor  # (B, T*H*R, C): head h's channels of row (t, h, r) hold V_r[t, h]
+    keys: torch.Tensor    # (B, R*H, T, D)
+    values: torch.Tensor  # (B, R*H, T, D): w_r * V_r
     heads: int
     regions: int
-    tokens: int
 
 
-def ip_heads(keys: torch.Tensor, values: torch.Tensor, heads: int, batch: Optional[int] = None) -> IPHeads:
-    """Keys and values (R, B|1, T, C) -> IPHeads for `batch` rows (default: the keys' B).
+def region_kv(keys: torch.Tensor, values: torch.Tensor, heads: int, batch: Optional[int] = None,
+              weights: Optional[torch.Tensor] = None) -> RegionKV:
+    """Keys and values (R, B|1, T, C) [and weights (R,) or (B, R)] -> RegionKV for `batch` rows.
 
-    Built once per layer and token set; zeros everywhere off the head diagonal.
+    Built once per layer, row layout and token set (per generation), never per call.
     """
     keys, values = _as_regions(keys, "keys"), _as_regions(values, "values")
     regions, rows, tokens, width = keys.shape
@@ -100,39 +110,52 @@ def ip_heads(keys: torch.Tensor, values: torch.Tensor, heads: int, batch: Option
         raise GeometryError(f"keys {tuple(keys.shape)} / values {tuple(values.shape)} do not split into {heads} heads")
     batch = rows if batch is None else batch
     dim = width // heads
+    w = _check_weights(weights, batch, regions)
+    if w is not None:
+        values = values * w.to(device=values.device, dtype=values.dtype).t().reshape(regions, -1, 1, 1)  # (R, B|1, 1, 1)
     keys = keys.expand(regions, batch, tokens, width).reshape(regions, batch, tokens, heads, dim)
     values = values.expand(regions, batch, tokens, width).reshape(regions, batch, tokens, heads, dim)
-    kb = keys.new_zeros(batch, heads, dim, tokens, heads, regions)  # (B, H, D, T, H', R): H == H' only
-    kb.diagonal(dim1=1, dim2=4).copy_(keys.permute(1, 4, 2, 0, 3) * (1.0 / math.sqrt(dim)))  # (B, D, T, R, H)
-    vb = values.new_zeros(batch, tokens, heads, regions, heads, dim)  # (B, T, H, R, H', D): H == H' only
-    vb.diagonal(dim1=2, dim2=4).copy_(values.permute(1, 2, 0, 4, 3))  # diagonal view: (B, T, R, D, H)
-    columns = tokens * heads * regions
-    return IPHeads(kb.view(batch, width, columns), vb.view(batch, columns, width), heads, regions, tokens)
+    kh = keys.permute(1, 0, 3, 2, 4).reshape(batch, regions * heads, tokens, dim)  # (B, R*H, T, D)
+    vh = values.permute(1, 0, 3, 2, 4).reshape(batch, regions * heads, tokens, dim)  # (B, R*H, T, D)
+    return RegionKV(kh.contiguous(), vh.contiguous(), heads, regions)
 
 
-def add_region_ip(
-    q: torch.Tensor,
-    ip: IPHeads,
-    coef: Optional[torch.Tensor] = None,
-    base: Optional[torch.Tensor] = None,
-    alpha: float = 1.0,
-) -> torch.Tensor:
-    """base + alpha * Sum_r coef_r * softmax(q K_r^T / sqrt(D)) V_r, per head -> (B, N, C).
+def _in_place_ok(out: torch.Tensor) -> bool:
+    """The host's attention output can take the term in place: contiguous, no autograd on it."""
+    return out.is_contiguous() and not (out.requires_grad and torch.is_grad_enabled())
 
-    q (B, N, C) in ip's dtype; coef (B|1, N|1, R) in q's dtype or None (= 1); base (B, N, C) or
-    None (= 0). With base given, the value matmul and the addition are one kernel.
+
+def add_region_term(out: torch.Tensor, q: torch.Tensor, kv: RegionKV,
+                    coef: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out + Sum_r coef_r * softmax(q K_r^T / sqrt(D)) (w_r V_r), per head -> (B, N, C).
+
+    out and q (B, N, C) in kv's dtype; coef (B, N, R) (any layout that views as (B*N, 1, R)) or
+    None (= 1). `out` is updated in place when it can be (the host's attention output, about to
+    go through to_out[0]) and returned. Operators: R == 1: attention + add; R > 1: the q copy,
+    attention, baddbmm.
     """
-    batch, positions, _ = q.shape
-    scores = torch.bmm(q, ip.keys)  # (B, N, T*H*R)
-    probs = scores.view(batch, positions, ip.tokens, ip.heads * ip.regions).softmax(dim=2)  # over each T
-    if coef is not None:
-        shaped = probs.view(batch, positions, ip.tokens, ip.heads, ip.regions)
-        shaped.mul_(coef.view(coef.shape[0], coef.shape[1], 1, 1, ip.regions))  # (B|1, N|1, 1, 1, R)
-    probs = probs.view(batch, positions, -1)  # (B, N, T*H*R)
-    if base is None:
-        out = torch.bmm(probs, ip.values)  # (B, N, C)
-        return out if alpha == 1.0 else out.mul_(alpha)
-    return torch.baddbmm(base, probs, ip.values, alpha=alpha)  # (B, N, C)
+    batch, positions, width = q.shape
+    heads, regions = kv.heads, kv.regions
+    dim = width // heads
+    if regions == 1:
+        qh = q.view(batch, positions, heads, dim).transpose(1, 2)  # (B, H, N, D)
+    else:
+        qr = q.view(batch, positions, 1, width).expand(batch, positions, regions, width).contiguous()  # (B, N, R, C)
+        qh = qr.view(batch, positions, regions * heads, dim).transpose(1, 2)  # (B, R*H, N, D)
+    o = F.scaled_dot_product_attention(qh, kv.keys, kv.values)  # (B, R*H, N, D), stored as (B, N, R*H, D)
+    o = o.transpose(1, 2).reshape(batch * positions, regions, width)  # (B*N, R, C): a view after fused kernels
+    if not _in_place_ok(out):
+        out = out.clone(memory_format=torch.contiguous_format)
+    if regions == 1:
+        o = o.view(batch, positions, width)  # (B, N, C)
+        if coef is None:
+            return out.add_(o)
+        return out.addcmul_(o, coef.reshape(batch, positions, 1))  # (B, N, 1) broadcast over C
+    if coef is None:
+        coef = torch.ones(1, 1, 1, dtype=o.dtype, device=o.device).expand(batch * positions, 1, regions)
+    base = out.view(batch * positions, 1, width)  # (B*N, 1, C)
+    base.baddbmm_(coef.reshape(batch * positions, 1, regions), o)  # (B*N, 1, R) @ (B*N, R, C)
+    return out
 
 
 def region_ip_delta(
@@ -151,39 +174,14 @@ def region_ip_delta(
     """
     keys, values = _check_kv(tuple(q.shape), keys, values, heads)
     batch, positions, _ = q.shape
-    ip = ip_heads(keys.to(q.dtype), values.to(q.dtype), heads, batch)
-    coef = region_coefficients(masks, weights, batch, keys.shape[0], positions, q.device)  # (B|1, N|1, R)
-    return add_region_ip(q, ip, coef.to(q.dtype))
-
-
-def region_ip_delta_sdpa(
-    q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    heads: int,
-    masks: Optional[torch.Tensor] = None,
-    weights: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Same as `region_ip_delta`, with the R regions batched into one SDPA call (q repeated R times).
-
-    A second, independent implementation for tests and benchmarks.
-    """
-    keys, values = _check_kv(tuple(q.shape), keys, values, heads)
-    batch, positions, width = q.shape
-    regions, _, tokens, _ = keys.shape
-    dim = width // heads
-    keys = keys.to(q.dtype).expand(regions, batch, tokens, width)
-    values = values.to(q.dtype).expand(regions, batch, tokens, width)
-    qh = q.view(batch, positions, heads, dim).transpose(1, 2)  # (B, H, N, D)
-    qr = qh.unsqueeze(0).expand(regions, batch, heads, positions, dim)  # (R, B, H, N, D)
-    qr = qr.reshape(regions * batch, heads, positions, dim)  # (R*B, H, N, D)
-    kr = keys.reshape(regions * batch, tokens, heads, dim).transpose(1, 2)  # (R*B, H, T, D)
-    vr = values.reshape(regions * batch, tokens, heads, dim).transpose(1, 2)  # (R*B, H, T, D)
-    out = F.scaled_dot_product_attention(qr, kr, vr)  # (R*B, H, N, D)
-    out = out.view(regions, batch, heads, positions, dim).permute(1, 3, 0, 2, 4)  # (B, N, R, H, D)
-    out = out.reshape(batch, positions, regions, width)  # (B, N, R, C)
-    coef = region_coefficients(masks, weights, batch, regions, positions, q.device)  # (B|1, N|1, R)
-    return (out * coef.unsqueeze(-1).to(out.dtype)).sum(dim=2)  # (B, N, C)
+    regions = keys.shape[0]
+    _check_weights(weights, batch, regions)
+    kv = region_kv(keys.to(q.dtype), values.to(q.dtype), heads, batch, weights)
+    coef = None
+    if masks is not None:
+        coef = region_coefficients(masks, None, batch, regions, positions, q.device)  # (B|1, N, R)
+        coef = coef.expand(batch, positions, regions).to(q.dtype).contiguous()  # (B, N, R)
+    return add_region_term(torch.zeros_like(q), q, kv, coef)
 
 
 # ---- text attention maps ---------------------------------------------------------------------
@@ -211,13 +209,69 @@ def _check_text(q: torch.Tensor, k: torch.Tensor, heads: int) -> None:
         )
 
 
+def map_value_width(regions: int, head_dim: int) -> int:
+    """Ev, the width of the map values: D when the background and R region columns fit (the fused
+    kernels want values as wide as the keys), else R+1 (torch's unfused attention)."""
+    return head_dim if regions + 1 <= head_dim else regions + 1
+
+
+def text_map_values(
+    token_groups: Sequence[Sequence[int]], tokens: int, heads: int, head_dim: int,
+    device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32, allow_empty: bool = False,
+) -> torch.Tensor:
+    """(H, T, Ev) values that turn text attention into maps: column 0 is the background (zeros),
+    column 1+r averages region r's tokens (1/(H*|tokens|): summed over heads it is the mean).
+
+    An empty group (allowed only with `allow_empty`) gives a column of zeros: no evidence.
+    """
+    if not token_groups or (not allow_empty and any(len(g) == 0 for g in token_groups)):
+        raise CharacterAdapterError(
+            f"every region needs at least one token column, got groups {[list(g) for g in token_groups]}")
+    width = map_value_width(len(token_groups), head_dim)
+    values = torch.zeros(tokens, width)  # (T, Ev)
+    for r, group in enumerate(token_groups):
+        if len(group) == 0:
+            continue
+        for t in _token_list(group, tokens):
+            values[t, r + 1] += 1.0 / (heads * len(group))
+    return values.expand(heads, tokens, width).to(device=device, dtype=dtype).contiguous()  # (H, T, Ev)
+
+
+def text_attention_raw(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Text attention of q (B, N, C) over k (B, T, C) applied to `values` (B|1, H, T, Ev)
+    -> (B, N, H, Ev): per head, sum_t softmax(q k^T / sqrt(D))_t values[t]. One fused operator."""
+    batch, positions, width = q.shape
+    heads, tokens, ev = values.shape[-3:]
+    dim = width // heads
+    qh = q.view(batch, positions, heads, dim).transpose(1, 2)  # (B, H, N, D)
+    kh = k.view(batch, tokens, heads, dim).transpose(1, 2)  # (B, H, T, D)
+    if values.ndim == 3 or values.shape[0] != batch:
+        values = values.expand(batch, heads, tokens, ev)  # (B, H, T, Ev)
+    return F.scaled_dot_product_attention(qh, kh, values).transpose(1, 2)  # (B, N, H, Ev); scale 1/sqrt(D)
+
+
+def text_maps(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor, regions: int) -> torch.Tensor:
+    """Region maps (B, R, N) float32 from `text_map_values` (H, T, Ev): mean text attention over
+    heads and each region's tokens. q (B, N, C), k (B, T, C)."""
+    raw = text_attention_raw(q, k, values)  # (B, N, H, Ev)
+    return raw[..., 1:regions + 1].sum(dim=2, dtype=torch.float32).transpose(1, 2)  # (B, R, N)
+
+
+def text_region_maps(
+    q: torch.Tensor, k: torch.Tensor, heads: int, token_groups: Sequence[Sequence[int]], allow_empty: bool = False,
+) -> torch.Tensor:
+    """Region maps (B, R, N): mean text attention over each region phrase's tokens and heads."""
+    _check_text(q, k, heads)
+    values = text_map_values(token_groups, k.shape[1], heads, q.shape[2] // heads, q.device, q.dtype, allow_empty)
+    return text_maps(q, k, values, len(token_groups))
+
+
 def text_attention_probs(q: torch.Tensor, k: torch.Tensor, heads: int, token_index: TokenIndex) -> torch.Tensor:
     """Text cross-attention probabilities softmax(q k^T / sqrt(D)), mean over heads, of the
     given token columns -> (B, J, N) with J = len(token_index). Computed in float32."""
     _check_text(q, k, heads)
     idx = _token_list(token_index, k.shape[1])
-    columns = text_map_matrix([[i] for i in idx], k.shape[1], heads, q.device)  # (H*T, J)
-    return text_maps(q, k, heads, columns)
+    return text_region_maps(q, k, heads, [[i] for i in idx])
 
 
 def phrase_maps(probs: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -225,64 +279,3 @@ def phrase_maps(probs: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.T
     if not groups or any(len(g) == 0 for g in groups):
         raise CharacterAdapterError(f"every region needs at least one token column, got groups {list(groups)}")
     return torch.stack([probs[:, list(g)].mean(dim=1) for g in groups], dim=1)  # (B, R, N)
-
-
-def text_map_matrix(
-    token_groups: Sequence[Sequence[int]], tokens: int, heads: int, device: Optional[torch.device] = None,
-    allow_empty: bool = False,
-) -> torch.Tensor:
-    """(H*T, R) float32 averaging matrix: the mean over heads and over each group's token columns.
-
-    An empty group (allowed only with `allow_empty`) gives a column of zeros: no evidence.
-    """
-    if not token_groups or (not allow_empty and any(len(g) == 0 for g in token_groups)):
-        raise CharacterAdapterError(
-            f"every region needs at least one token column, got groups {[list(g) for g in token_groups]}")
-    matrix = torch.zeros(heads, tokens, len(token_groups))  # (H, T, R)
-    for r, group in enumerate(token_groups):
-        if len(group) == 0:
-            continue
-        for t in _token_list(group, tokens):
-            matrix[:, t, r] += 1.0 / (heads * len(group))
-    return matrix.view(heads * tokens, len(token_groups)).to(device)  # (H*T, R)
-
-
-def map_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the text-map scores: the host's, except bfloat16 (too coarse for 77-way softmax logits)."""
-    return torch.float32 if dtype == torch.bfloat16 else dtype
-
-
-def head_mask(width: int, heads: int, device: Optional[torch.device] = None,
-              dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(C, H, 1): 1/sqrt(D) where channel c belongs to head h, else 0."""
-    dim = width // heads
-    mask = torch.zeros(heads, dim, heads)  # (H, D, H')
-    mask.diagonal(dim1=0, dim2=2).fill_(1.0 / math.sqrt(dim))
-    return mask.view(width, heads, 1).to(device=device, dtype=dtype)
-
-
-def text_maps(q: torch.Tensor, k: torch.Tensor, heads: int, matrix: torch.Tensor,
-              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Text attention softmax(q k^T / sqrt(D)) per head, averaged by `matrix` (H*T, R), or per row
-    (B, H*T, R) -> (B, R, N).
-
-    q (B, N, C), k (B, T, C); `mask` = head_mask(C, H) in map_dtype(q.dtype) (built when None).
-    The scores are computed in map_dtype(q.dtype), the softmax and the averages in float32.
-    """
-    batch, positions, width = q.shape
-    tokens = k.shape[1]
-    dtype = map_dtype(q.dtype)
-    if mask is None:
-        mask = head_mask(width, heads, q.device, dtype)
-    kb = k.transpose(1, 2).unsqueeze(2) * mask  # (B, C, 1, T) * (C, H, 1) -> (B, C, H, T), block-diagonal
-    scores = torch.bmm(q.to(dtype), kb.view(batch, width, heads * tokens))  # (B, N, H*T)
-    probs = scores.view(batch, positions, heads, tokens).softmax(dim=-1, dtype=torch.float32)
-    return torch.matmul(probs.view(batch, positions, -1), matrix).transpose(1, 2)  # (B, R, N)
-
-
-def text_region_maps(
-    q: torch.Tensor, k: torch.Tensor, heads: int, token_groups: Sequence[Sequence[int]],
-) -> torch.Tensor:
-    """Region maps (B, R, N): mean text attention over each region phrase's tokens and heads."""
-    _check_text(q, k, heads)
-    return text_maps(q, k, heads, text_map_matrix(token_groups, k.shape[1], heads, q.device))

@@ -9,7 +9,8 @@ belong to, and applies the user's start/end window.
 Several characters are (character, region) pairs over the same machinery: their tokens are
 stacked into one set of P = sum_k max(R_k, 1) pairs (`owner` says whose each is), the text maps
 hold every character's region phrases and then, with two or more characters, each one's subject
-phrase, and masks.character_layout turns them into one layout of P pairs.
+phrase, and masks.character_logits turns them into one layout of P pairs
+(masks.character_layout's numbers).
 
 Glossary for shapes: B rows of one UNet call, N = h*w positions, T tokens, C channels,
 R regions, P (character, region) pairs, K characters, I images of the generation batch.
@@ -23,10 +24,13 @@ from torch import nn
 
 from .attention import ip_keys_values
 from .errors import CharacterAdapterError
-from .geometry import Size, resize_maps
-from .hooks import HookSession, RegionState, plan_region_hooks
+from .geometry import Size, downsampled_hw, interpolation_matrix
+from .hooks import HookSession, RegionState, plan_region_hooks, plain_math
 from .layers import DEFAULT_MAP_LEVELS, AttnLayer, map_layers
-from .masks import BACKGROUND, area_pyramid, character_layout, character_prior, pair_count, resize_masks
+from .masks import (
+    BACKGROUND, MAP_FLOOR, character_logits, character_prior_last, fused_logits, one_hot_last, pair_count,
+    pyramid_channels_last, resize_masks,
+)
 
 COND, UNCOND = 0, 1  # token sets in RegionState.kv: reference tokens, negative tokens
 
@@ -101,6 +105,57 @@ class RowPlan:
         return max(self.image) + 1 if self.image else 0
 
 
+class _Canvas:
+    """Where one step's text maps land and how they reach the latent grid, for one pass.
+
+    `maps` (I, Hx, Wx, R+1) holds every map grid's sums as a diagonal block (grid g at rows
+    y_g.., columns x_g..; zeros elsewhere) and MAP_FLOOR in the corner (Hx-1, Wx-1). Resizing is
+    linear and separable, so two matrix products bring all grids to the latent grid at once and
+    add them up: A_H @ maps @ A_W^T, where A's blocks are F.interpolate's bilinear weights and
+    their last column of ones adds the floor exactly.
+    """
+
+    def __init__(self, grids: Sequence[Size], latent_hw: Size, images: int, channels: int, device: torch.device):
+        self.latent_hw, self.images = latent_hw, images
+        self.blocks: Dict[Size, Tuple[int, int]] = {}
+        y = x = 0
+        for hw in grids:
+            self.blocks[hw] = (y, x)
+            y, x = y + hw[0], x + hw[1]
+        rows_h, cols_w = torch.zeros(latent_hw[0], y + 1), torch.zeros(latent_hw[1], x + 1)
+        for hw, (y0, x0) in self.blocks.items():
+            rows_h[:, y0:y0 + hw[0]] = interpolation_matrix(hw[0], latent_hw[0])
+            cols_w[:, x0:x0 + hw[1]] = interpolation_matrix(hw[1], latent_hw[1])
+        rows_h[:, y] = cols_w[:, x] = 1.0
+        self.a_h, self.a_w = rows_h.to(device), cols_w.to(device)  # (H, Hx), (W, Wx)
+        self.maps = torch.zeros(images, y + 1, x + 1, channels, device=device)  # (I, Hx, Wx, R+1)
+        self.maps[:, y, x] = MAP_FLOOR
+        self.written: Dict[Tuple[Size, int], bool] = {}  # (grid, image) -> maps written this step
+
+    def block(self, hw: Size, first: int, count: int) -> torch.Tensor:
+        """Grid hw's block of images first..first+count: (count, h, w, R+1), a view."""
+        y0, x0 = self.blocks[hw]
+        return self.maps[first:first + count, y0:y0 + hw[0], x0:x0 + hw[1]]
+
+    def on_latent(self) -> torch.Tensor:
+        """The step's maps on the latent grid, summed over grids: (I, N_latent, R+1), >= MAP_FLOOR."""
+        images, hx, wx, channels = self.maps.shape
+        cols = torch.matmul(self.a_w, self.maps.view(images * hx, wx, channels))  # (I*Hx, W, R+1)
+        h, w = self.latent_hw
+        return torch.matmul(self.a_h, cols.view(images, hx, w * channels)).view(images, h * w, channels)
+
+    def clear_unwritten(self) -> bool:
+        """Zero the blocks of images that got no maps this step; True if any image got maps."""
+        got = {image for (_, image), done in self.written.items() if done}
+        if got:
+            for hw in self.blocks:
+                for image in range(self.images):
+                    if not self.written.get((hw, image)):
+                        self.block(hw, image, 1).zero_()
+        self.written = {}
+        return bool(got)
+
+
 class FusionSession:
     """Per-generation state plus its hooks: `install()` all or nothing, `remove()` in finally.
 
@@ -112,8 +167,14 @@ class FusionSession:
     The host calls `begin_pass` at each sampling start (the hires pass too) and `begin_step`
     before every denoiser call; the rows of each UNet call are matched to the step's plan in
     call order, which is how the WebUI's CFG denoiser splits its batch (cond rows first).
-    The layout, the maps and the mask pyramid stay on the UNet's device: a step copies nothing
-    from or to the host and never waits for the device.
+    The layout, the maps and the masks stay on the UNet's device: a step copies nothing from or
+    to the host and never waits for the device.
+
+    Per step, `begin_step` turns the last step's maps into mask logits for every row of the plan
+    (two products bring every map grid to the latent grid, charadapter.masks.fused_logits four
+    operators more); the first UNet call that adds the term makes the masks of every layer grid
+    (softmax or one-hot, a cast where the UNet is not float32, one pooling per coarser level);
+    each call then takes its rows' slices, views.
     """
 
     def __init__(
@@ -159,14 +220,15 @@ class FusionSession:
         weights = [torch.tensor(c.region_weights or (1.0,), dtype=torch.float32) * c.weight for c in self.characters]
         self._weights = weights[0] if len(weights) == 1 else torch.cat(weights)  # (P,): w_k * w_kj
         self._active: Tuple[bool, ...] = (True,) * len(characters)  # characters in their window this step
-        self._step_weights: Dict[Tuple[bool, ...], torch.Tensor] = {self._active: self._weights}
+        chosen = [] if self.global_only else map_layers(self.layers, config.map_levels)
+        self._map_levels = sorted({layer.level for layer in chosen})
         self.state = RegionState(
             kv=kv,
-            weights=self._weights,
-            map_layers=frozenset() if self.global_only else frozenset(l.index for l in map_layers(self.layers, config.map_levels)),
+            weights=self._weights,  # folded into the cached values once
+            map_layers=frozenset(l.index for l in chosen),
             before_call=self._before_call,
             after_call=self._after_call,
-            masks_weighted=not self.global_only,
+            map_target=self._map_target,
             enabled=False,
             bank=phrase_bank,  # (phrases, C_ctx): rows the plan's token groups name with entries < 0
         )
@@ -178,18 +240,32 @@ class FusionSession:
         self._cursor = 0
         self._call_rows: List[int] = []
         self._map_picks: List[Tuple[int, int]] = []  # (row among the call's map rows, image) to add up
-        self._layout: Optional[torch.Tensor] = None  # (I, P+1, N_latent) on the UNet's device
-        self._call_masks: Dict[Tuple[int, ...], Dict[Size, torch.Tensor]] = {}  # images of a call -> masks
-        self._map_sums: Dict[Size, torch.Tensor] = {}  # grid -> (I, map columns, N_grid): this step's maps, summed
-        self._map_counts: List[float] = []  # per image: maps summed (layers x rows x calls)
-        self._device_weights: Dict[Tuple[Tuple[bool, ...], torch.device], torch.Tensor] = {}
-        self._row_index: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}
+        self._canvas: Optional[_Canvas] = None
+        self._logits: Optional[torch.Tensor] = None  # (B_plan or I, N, R+1) float32: the last fold
+        self._logits_rows: Optional[Tuple[int, ...]] = None  # image of each logits row
+        self._prior: Optional[torch.Tensor] = None  # (I, N, R+1) masks carried into a pass (hires)
+        self._coef: Dict[tuple, Dict[Size, torch.Tensor]] = {}  # (plan images, dtype) -> grid -> (B, N, R+1)
+        self._constants: Dict[tuple, torch.Tensor] = {}
+        self._device = torch.device("cpu")  # the UNet's, seen at its last call
         self.calls_with_adapter = 0  # UNet calls that got the region term (tests, diagnostics)
 
     @property
     def masks(self) -> Optional[torch.Tensor]:
-        """The current layout (I, P+1, N_latent), background first, as a CPU copy; None before any maps."""
-        return None if self._layout is None else self._layout.cpu()
+        """The current layout (I, R+1, N_latent), background first, as a CPU copy; None before any maps."""
+        layout = self._layout()
+        return None if layout is None else layout.transpose(1, 2).cpu()
+
+    def _layout(self) -> Optional[torch.Tensor]:
+        """Masks per image (I, N_latent, R+1) float32 from the last fold (or the pass's prior)."""
+        if self._logits is None:
+            return self._prior
+        rows = self._logits_rows
+        first = [rows.index(image) for image in range(max(rows) + 1)]
+        with plain_math(self._logits.device):
+            logits = self._logits[first]  # (I, N, R+1)
+            if self.config.mode == "hard":
+                return one_hot_last(logits, torch.float32)
+            return torch.softmax(logits, dim=-1)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -208,8 +284,8 @@ class FusionSession:
         try:
             self.detach_hooks()
         finally:
-            self._forget_step()
-            self.state.maps.clear()
+            self._coef = {}
+            self.state.grid_maps.clear()
 
     def detach_hooks(self) -> None:
         """Remove the hooks but keep the layout and the maps gathered so far; `install()` goes on.
@@ -242,17 +318,21 @@ class FusionSession:
     def begin_pass(self, latent_hw: Size, total_steps: int) -> None:
         """A sampling pass starts (first or hires): the last layout, resized, becomes the prior."""
         latent_hw = (int(latent_hw[0]), int(latent_hw[1]))
-        if self._layout is not None and self.latent_hw is not None and latent_hw != self.latent_hw:
-            self._layout = resize_masks(self._layout, self.latent_hw, latent_hw)
+        layout = self._layout()
+        if layout is not None and self.latent_hw is not None and latent_hw != self.latent_hw:
+            resized = resize_masks(layout.transpose(1, 2), self.latent_hw, latent_hw)  # (I, R+1, N')
+            layout = resized.transpose(1, 2).contiguous()  # (I, N', R+1)
+        self._prior, self._logits, self._logits_rows = layout, None, None
         self.latent_hw = latent_hw
         self.total_steps = max(int(total_steps), 1)
         self.step = 0
         self.plan = None
-        self._forget_step()
+        self._canvas = None
+        self._coef = {}
         self.state.forget_bank_keys()  # projected with this pass's weights when first needed
 
     def begin_step(self, step: int, plan: RowPlan) -> None:
-        """Before a denoiser call: fold the last step's maps into masks, restart the row count."""
+        """Before a denoiser call: fold the last step's maps into mask logits, restart the row count."""
         if self.latent_hw is None:
             raise CharacterAdapterError("begin_step before begin_pass: the latent size is unknown")
         if not self.global_only:
@@ -261,7 +341,7 @@ class FusionSession:
                     raise CharacterAdapterError(
                         f"row plan: {len(groups)} token groups per row, the session maps {self.map_columns} "
                         f"phrases (region phrases, then subject phrases)")
-        self._fold_maps(plan.images)
+        self._fold_maps(plan)
         self.step = int(step)
         self.plan = plan
         self._cursor = 0
@@ -282,65 +362,125 @@ class FusionSession:
 
     # ---- masks -------------------------------------------------------------------------
 
-    def _forget_step(self) -> None:
-        self._call_masks = {}
-        self._map_sums = {}
-        self._map_counts = []
+    def _fold_maps(self, plan: RowPlan) -> None:
+        """The last step's maps -> mask logits for the rows of `plan` (or per image)."""
+        canvas = self._canvas
+        images = plan.images
+        if canvas is not None and canvas.clear_unwritten() and canvas.images == images:
+            copies = _copies(plan)
+            bias = self._constant("bias", canvas.maps.device)
+            with plain_math(canvas.maps.device):  # float32 throughout
+                maps = canvas.on_latent()  # (I, N, R+1)
+                logits = fused_logits(maps, bias, self.config.temperature, copies or 1)  # (S, I, N, 1+columns)
+                if len(self.characters) > 1:  # the two levels: figure shares, then each figure's regions
+                    subjects = [None if c is None else c + 1 for c in self.subject_columns]  # after the background
+                    logits = character_logits(logits, self.counts, subjects, self.config.mode,
+                                              self.config.temperature)  # (S, I, N, P+1)
+            self._logits = logits.view(-1, *logits.shape[2:])  # (S*I, N, P+1)
+            self._logits_rows = tuple(plan.image) if copies else tuple(range(images))
+            self._prior = None
+            self._coef = {}
+        layout_images = (max(self._logits_rows) + 1 if self._logits is not None
+                         else (self._prior.shape[0] if self._prior is not None else images))
+        if layout_images != images:  # the batch changed: start from the prior again
+            self._logits = self._logits_rows = self._prior = None
+            self._coef = {}
 
-    def _fold_maps(self, images: int) -> None:
-        if self._map_sums and self.latent_hw is not None:
-            maps = None
-            for hw, summed in self._map_sums.items():  # resizing is linear: sum first, resize once per grid
-                resized = resize_maps(summed, hw, self.latent_hw)  # (I, R, N_latent)
-                maps = resized if maps is None else maps + resized
-            counts = [max(c, 1.0) for c in self._map_counts]
-            if len(set(counts)) == 1:
-                maps = maps / counts[0]
-            else:
-                for image, count in enumerate(counts):
-                    maps[image] /= count
-            self._layout = self._layout_of(maps)
-        if self._layout is not None and self._layout.shape[0] != images:
-            self._layout = None  # the batch changed: start from the prior again
-        self._forget_step()
-
-    def _layout_of(self, maps: torch.Tensor) -> torch.Tensor:
-        """Layout (I, P+1, N) of one step's maps (I, map columns, N): masks.character_layout."""
-        regions = sum(self.counts)
-        subjects = None
-        if len(self.characters) > 1:
-            columns = [c for c in self.subject_columns if c is not None]
-            if len(columns) == len(self.characters):  # every character has a subject: one slice
-                subjects = maps[:, columns[0]:columns[-1] + 1]  # (I, K, N)
-            elif columns:  # a character without a subject has no figure map: zeros
-                subjects = maps.new_zeros(maps.shape[0], len(self.characters), maps.shape[2])  # (I, K, N)
-                for k, column in enumerate(self.subject_columns):
-                    if column is not None:
-                        subjects[:, k] = maps[:, column]
-        region_maps = maps if regions == maps.shape[1] else maps[:, :regions]  # (I, sum R_k, N)
-        return character_layout(subjects, region_maps if regions else None, self.counts, self.config.mode,
-                                self.config.temperature, self.config.background)
-
-    def _masks_for(self, images: Tuple[int, ...], device: torch.device) -> Dict[Size, torch.Tensor]:
-        """w_k * w_kj * M_kj (B, P, N) per layer grid for the rows of one call (built once per step)."""
-        found = self._call_masks.get(images)
+    def _constant(self, name: str, device: torch.device) -> torch.Tensor:
+        """Small per-generation tensors on the UNet's device (built once, never per step)."""
+        key = (name, device)
+        found = self._constants.get(key)
         if found is None:
-            assert self.latent_hw is not None and self.plan is not None
-            layout = self._layout
-            if layout is None:  # even split before any map
-                layout = character_prior(self.counts, self.plan.images, self.latent_hw[0] * self.latent_hw[1],
-                                         device=device)
-            regions = layout.to(device)[:, BACKGROUND + 1:]  # (I, P, N_latent)
-            if self.plan.images == 1:  # every row shows the one image
-                regions = regions.expand(len(images), -1, -1)  # (B, R, N_latent), a view
-            elif images != tuple(range(self.plan.images)):
-                index = self._row_index.get((images, device))
-                if index is None:  # copied to the device once per generation, not per step
-                    index = self._row_index[(images, device)] = torch.tensor(images, dtype=torch.long).to(device)
-                regions = regions.index_select(0, index)  # (B, R, N_latent)
-            weighted = regions * self._weights_on(device).view(1, -1, 1)  # area averages are linear: weigh first
-            found = self._call_masks[images] = area_pyramid(weighted, self.latent_hw, self.levels)
+            if name == "bias":  # background logit / temperature, then every map column's 0
+                value = torch.zeros(self.map_columns + 1)
+                value[BACKGROUND] = self.config.background / self.config.temperature
+            elif name == "channels":
+                value = torch.arange(self.regions + 1)
+            else:
+                raise KeyError(name)
+            found = self._constants[key] = value.to(device)
         return found
+
+    def _masks_for_plan(self, device: torch.device, dtype: torch.dtype) -> Dict[Size, torch.Tensor]:
+        """Masks (B_plan, N, R+1) per layer grid for every row of the step's plan, in `dtype`
+        (built at the step's first call that adds the term, then only sliced)."""
+        assert self.plan is not None and self.latent_hw is not None
+        key = (self.plan.image, device, dtype, self._active)
+        found = self._coef.get(key)
+        if found is None:
+            with plain_math(device):
+                found = self._coef[key] = self._make_masks(device, dtype)
+        return found
+
+    def _make_masks(self, device: torch.device, dtype: torch.dtype) -> Dict[Size, torch.Tensor]:
+        assert self.plan is not None and self.latent_hw is not None
+        rows = len(self.plan.image)
+        positions = self.latent_hw[0] * self.latent_hw[1]
+        shape = (rows, positions, self.regions + 1)
+        if self._logits is not None and self._logits_rows == self.plan.image:
+            source = self._logits  # logits of exactly these rows
+        elif self._logits is not None:
+            source = self._logits[[self._logits_rows.index(i) for i in self.plan.image]]  # (B, N, R+1)
+        else:
+            source = None
+        if source is not None and self.config.mode == "hard":
+            masks = one_hot_last(source, dtype, self._constant("channels", device))
+        elif source is not None:
+            masks = torch.softmax(source, dim=-1)
+            masks = masks if masks.dtype == dtype else masks.to(dtype)
+        elif self._prior is not None:
+            masks = torch.empty(shape, dtype=dtype, device=device)
+            masks.copy_(self._prior.to(device)[list(self.plan.image)])
+        else:  # even split before any map: 1/R for every region, built once per shape
+            masks = self._uniform(shape, device, dtype)
+        if not all(self._active):  # a character outside its window this step: its pairs add nothing
+            masks = masks * self._active_channels(device, dtype)
+        return pyramid_channels_last(masks, self.latent_hw, self.levels)
+
+    def _active_channels(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(P+1,) 1 for the background and the pairs of characters in their window, else 0."""
+        key = ("active", self._active, device, dtype)
+        found = self._constants.get(key)
+        if found is None:
+            values = [1.0] + [float(self._active[k]) for k in self.owner]
+            found = self._constants[key] = torch.tensor(values, dtype=dtype, device=device)
+        return found
+
+    def _uniform(self, shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = ("uniform", shape, device, dtype)
+        found = self._constants.get(key)
+        if found is None:
+            if len(self.characters) > 1:  # each character 1/K, shared evenly among its pairs
+                found = character_prior_last(self.counts, shape, device, dtype)
+            else:
+                found = torch.full(shape, 1.0 / self.regions, dtype=dtype, device=device)
+                found[..., BACKGROUND] = 0.0
+            self._constants[key] = found
+        return found
+
+    def _map_target(self, hw: Size, rows: int) -> Optional[torch.Tensor]:
+        """The canvas block the hooks sum this call's maps of grid hw into, when the call's map rows
+        are a run of images that got no maps of this grid yet this step; else None (added after)."""
+        picks = self._map_picks
+        if len(picks) != rows or self.plan is None:
+            return None
+        first = picks[0][1]
+        if any(image != first + i for i, (_, image) in enumerate(picks)):
+            return None
+        canvas = self._canvas_for(self._device)
+        if any(canvas.written.get((hw, image)) for _, image in picks):
+            return None
+        for _, image in picks:
+            canvas.written[(hw, image)] = True
+        return canvas.block(hw, first, rows)
+
+    def _canvas_for(self, device: torch.device) -> _Canvas:
+        canvas = self._canvas
+        assert self.plan is not None and self.latent_hw is not None
+        if canvas is None or canvas.images != self.plan.images or canvas.maps.device != device:
+            grids = [downsampled_hw(self.latent_hw, level) for level in self._map_levels]
+            canvas = self._canvas = _Canvas(grids, self.latent_hw, self.plan.images, self.map_columns + 1, device)
+        return canvas
 
     # ---- hook callbacks ----------------------------------------------------------------
 
@@ -356,19 +496,20 @@ class FusionSession:
             return
         if self._cursor + rows > total:
             self._cursor = 0  # an extra call within one step: read the plan from the top again
-        self._call_rows = list(range(self._cursor, self._cursor + rows))
+        start = self._cursor
+        self._call_rows = list(range(start, start + rows))
         self._cursor += rows
         if not (self.in_window or self.collecting):
             return
+        self._device = x.device
+        state.planned = start == 0 and rows == total  # the step's whole batch, in its planned order
         cond = [plan.is_cond[r] for r in self._call_rows]
-        state.rows = torch.tensor([COND if c else UNCOND for c in cond], dtype=torch.long)
-        # in the window: the configured weights; before it: maps only (the weights go unread)
+        state.rows = tuple(COND if c else UNCOND for c in cond)
+        # in the window: the term; before it: maps only
         state.add_term = self.in_window
-        state.weights = self._weights if self.global_only else self._weights_on(x.device)
-        if self.global_only or not self.in_window:
-            state.masks = None
-        else:
-            state.masks = self._masks_for(tuple(plan.image[r] for r in self._call_rows), x.device)
+        state.coef = None
+        if state.add_term and not self.global_only:
+            state.coef = _CallMasks(self, start, rows)
         state.token_groups = state.map_rows = state.row_groups = None
         self._map_picks = []
         local = [i for i, r in enumerate(self._call_rows) if plan.is_cond[r] and any(plan.token_groups[r] or ())]
@@ -383,47 +524,54 @@ class FusionSession:
             self._map_picks = [(i - local[0], plan.image[self._call_rows[i]]) for i in local]
         state.enabled = True
 
-    def _weights_on(self, device: torch.device) -> torch.Tensor:
-        """w_k * w_kj (P,) of this step on the UNet's device: 0 for characters outside their window
-        (a global-only session passes its CPU scalar instead)."""
-        key = (self._active, device)
-        found = self._device_weights.get(key)
-        if found is None:
-            weights = self._step_weights.get(self._active)
-            if weights is None:
-                active = torch.tensor([self._active[k] for k in self.owner], dtype=torch.float32)  # (P,)
-                weights = self._step_weights[self._active] = self._weights * active
-            found = self._device_weights[key] = weights.to(device)
-        return found
-
     def _after_call(self, state: RegionState) -> None:
-        """UNet exit: add the recorded maps of this call's map rows to their images' sums, per grid."""
+        """UNet exit: maps the hooks could not sum straight into the canvas are added to it here."""
         if not state.enabled:
             return
         self.calls_with_adapter += int(self.in_window)
         if not state.grid_maps or not state.token_groups or self.plan is None:
-            state.maps.clear()
             state.grid_maps.clear()
             return
+        canvas = self._canvas_for(self._device)
         picks = self._map_picks
-        if len(self._map_counts) != self.plan.images:
-            self._map_counts = [0.0] * self.plan.images
-        first = picks[0][1]
-        run = picks == [(i, first + i) for i in range(len(picks))]  # CFG: cond rows are images 0..I-1 in order
-        for hw, maps in state.grid_maps.items():  # maps (L, B_map, R, N_grid): L map layers on this grid
-            layers = maps.shape[0]
-            summed = self._map_sums.get(hw)
-            if summed is None:
-                summed = self._map_sums[hw] = maps.new_zeros(self.plan.images, self.map_columns, maps.shape[3])
-            if run and len(picks) == maps.shape[1]:
-                summed[first:first + len(picks)].add_(maps.sum(dim=0))  # not "+=": that copies the slice back
-            else:
-                for local, image in picks:
-                    summed[image].add_(maps[:, local].sum(dim=0))
-            for _, image in picks:
-                self._map_counts[image] += layers
+        for hw, maps in state.grid_maps.items():  # maps (B_map, h, w, R+1)
+            for local, image in picks:
+                block = canvas.block(hw, image, 1)  # (1, h, w, R+1)
+                if canvas.written.get((hw, image)):
+                    block.add_(maps[local:local + 1])
+                else:
+                    block.copy_(maps[local:local + 1])
+                    canvas.written[(hw, image)] = True
         state.grid_maps.clear()
-        state.maps.clear()
+
+
+class _CallMasks:
+    """The masks of one UNet call's rows, made on first use (the layer's dtype is known there)."""
+
+    __slots__ = ("session", "start", "rows", "_found")
+
+    def __init__(self, session: FusionSession, start: int, rows: int):
+        self.session, self.start, self.rows = session, start, rows
+        self._found: Optional[Dict[Size, torch.Tensor]] = None
+
+    def __call__(self, hw: Size, device: torch.device, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Masks (B_call, N, R) of grid hw: slices of the step's masks, no copy."""
+        found = self._found
+        if found is None:
+            plan = self.session._masks_for_plan(device, dtype)
+            end = self.start + self.rows
+            found = self._found = {g: m[self.start:end, :, BACKGROUND + 1:] for g, m in plan.items()}
+        return found.get(tuple(hw))
+
+
+def _copies(plan: RowPlan) -> int:
+    """S when the plan's rows are S copies of images 0..I-1 in order (CFG: cond rows, then uncond
+    rows), so row logits are a broadcast of image maps; else 0."""
+    images = plan.images
+    rows = len(plan.image)
+    if images and rows % images == 0 and tuple(plan.image) == tuple(range(images)) * (rows // images):
+        return rows // images
+    return 0
 
 
 def _check_character(index: int, character: CharacterTokens, first_character: CharacterTokens) -> None:

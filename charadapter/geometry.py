@@ -63,3 +63,20 @@ def content_rect(content: Optional[Frac]) -> Frac:
     if not (0.0 <= cx0 < cx1 <= 1.0 and 0.0 <= cy0 < cy1 <= 1.0):
         raise GeometryError(f"content rectangle {content} must satisfy 0 <= left < right <= 1, 0 <= top < bottom <= 1")
     return cx0, cy0, cx1, cy1
+
+
+def interpolation_matrix(src: int, dst: int) -> torch.Tensor:
+    """(dst, src) float64 matrix of 1-D linear interpolation as F.interpolate does it (bilinear,
+    align_corners=False) when growing a side from src to dst cells; the identity when equal."""
+    if dst < src:
+        raise GeometryError(f"interpolation_matrix grows a side: got {src} -> {dst} cells")
+    matrix = torch.zeros(dst, src, dtype=torch.float64)
+    scale = src / dst
+    for j in range(dst):
+        pos = max((j + 0.5) * scale - 0.5, 0.0)  # source coordinate, clamped at the first cell
+        i0 = min(int(pos), src - 1)
+        i1 = min(i0 + 1, src - 1)
+        frac = pos - i0
+        matrix[j, i0] += 1.0 - frac
+        matrix[j, i1] += frac
+    return matrix

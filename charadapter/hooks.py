@@ -9,19 +9,23 @@ modules.
 Capture protocol per attn2 layer (a `_Slot` per layer, valid for one attn2 call only):
   attn2 pre-hook     clears the slot and arms it (so nothing from an earlier call survives);
   to_q hook          stores the host's q (B, N, C_inner) while armed; to_k the same for text maps;
-  to_out[0] pre-hook adds the region term to the attention output before the host's own output
-                     projection (W_out (a + delta) + b: exact, and no second C x C matmul);
+  to_out[0] pre-hook adds the region term to the attention output, in place, before the host's own
+                     output projection (W_out (a + delta) + b: exact, and no second C x C matmul);
   attn2 hook         disarms and clears the slot; if to_out[0] was not called once with the whole
                      output, it adds W_out delta to the attn2 output instead.
 If the host did not call to_q exactly once with the attn2 input, q is recomputed with the
 module's own to_q, so a missing or doubled capture can never pair a wrong q with this call.
-Everything the term needs per layer (keys and values in head layout, mask coefficients per grid,
-the map averaging matrix) is built on the device once and cached, so a step moves nothing
-between host and device and never waits for the device.
+What a layer needs is built on the device once and cached (keys and values in head layout with
+the weights folded in, per generation; the map values, per token groups) or handed over ready
+(mask coefficients per grid, once per step by charadapter.fusion), so a call builds nothing, moves
+nothing between host and device and never waits for the device. The text maps of a call are
+queued and computed together when its last map layer ran: one copy, then one attention and one
+sum per grid, whatever the number of layers and regions. A region located from its own phrase
+(charadapter.phrases) adds key rows to the maps only: its phrase-bank rows, projected by each map
+layer's own to_k once per pass, go into that same copy after each row's prompt keys.
 """
 
 import contextlib
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
@@ -29,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import (
-    IPHeads, add_region_ip, head_mask, ip_heads, map_dtype, region_coefficients, text_map_matrix, text_maps,
-)
+from .attention import RegionKV, add_region_term, region_coefficients, region_kv, text_attention_raw, text_map_values
 from .errors import CharacterAdapterError, GeometryError
 from .geometry import Size, check_grid, downsampled_hw
 from .layers import AttnLayer
@@ -166,12 +168,15 @@ class RegionState:
     """Everything the region hooks need for one generation; the host updates the per-call fields.
 
     kv[i] belongs to layer i: keys and values (R, S, T, C_inner) for S token sets (e.g. 0 = the
-    reference tokens for cond rows, 1 = the negative tokens for uncond rows). `rows` (a CPU long
-    tensor) picks the token set of each row of the current UNet call. `masks` maps a layer grid
-    (h, w) to region masks (B, R, N) (see masks.mask_pyramid); None means M = 1. `kv` is fixed for
-    the life of the state (its device/dtype copies are cached): make a new state when the tokens
-    change. `masks` and `weights` are read once per UNet call: give them on the UNet's device.
-    Text maps of the rows `map_rows` come out per layer in `maps` and per grid in `grid_maps`.
+    reference tokens for cond rows, 1 = the negative tokens for uncond rows). `rows` (ints, one per
+    row of the current UNet call) picks each row's token set. `kv` and `weights` are fixed for the
+    life of the state (the weights are folded into the cached values): make a new state when they
+    change. The masks come either from `coef(grid, device, dtype)`, ready for the call's rows
+    ((B, N, R) in the UNet's dtype: the fast path, built once per step by charadapter.fusion), or
+    as `masks` ((B|1, R, N) per grid, see masks.mask_pyramid), converted per call; neither: M = 1.
+    Text maps of the rows `map_rows` are summed per grid over the map layers: into the views
+    `map_target(grid, rows)` returns, or else into `grid_maps`. Each map row averages the key
+    columns `token_groups` names, or its own entry of `row_groups` when the rows differ.
     `bank` holds the token embeddings of phrases located from themselves (charadapter.phrases):
     token-group entries < 0 name its rows, which the map layers project with their own to_k and
     append to the prompt's keys, for the maps only (projections kept until `forget_bank_keys`).
@@ -179,8 +184,9 @@ class RegionState:
 
     kv: Sequence[Tuple[torch.Tensor, torch.Tensor]]
     weights: torch.Tensor                                    # (R,) or (B, R): w * w_r
-    rows: Optional[torch.Tensor] = None                      # (B,) long; None: S == 1 or S == B
+    rows: Optional[Sequence[int]] = None                     # (B,) token set per row; None: S == 1 or S == B
     masks: Optional[Dict[Size, torch.Tensor]] = None
+    coef: Optional[Callable[[Size, torch.device, torch.dtype], Optional[torch.Tensor]]] = None  # -> (B, N, R)
     map_layers: FrozenSet[int] = frozenset()                 # layer indices whose text maps are recorded
     token_groups: Optional[Sequence[Sequence[int]]] = None   # text key columns of each region phrase
     row_groups: Optional[Tuple[Sequence[Sequence[int]], ...]] = None  # per map row, when the rows differ
@@ -189,81 +195,77 @@ class RegionState:
     enabled: bool = True
     add_term: bool = True                                    # False: record maps only (weights unread)
     map_rows: Optional[slice] = None                         # rows of the call whose maps are recorded
-    masks_weighted: bool = False                             # masks already hold w * w_r * M_r
+    map_target: Optional[Callable[[Size, int], Optional[torch.Tensor]]] = None  # (grid, B_map) -> (B_map, h, w, R+1)
+    planned: bool = False                                    # the call holds the step's whole row plan
     bank: Optional[torch.Tensor] = None                      # (P, C_ctx) phrase-bank rows, named by entries < 0
     # written by the hooks, per UNet call
     latent_hw: Optional[Size] = None
     batch: Optional[int] = None
-    maps: Dict[int, Tuple[Size, torch.Tensor]] = field(default_factory=dict)  # layer -> (hw, (B_map, R, N))
-    grid_maps: Dict[Size, torch.Tensor] = field(default_factory=dict)  # grid -> (L, B_map, R, N): L layers
-    map_runs: Dict[int, Tuple[str, int]] = field(default_factory=dict, repr=False)  # layer -> its run (planned)
-    run_sizes: Dict[Tuple[str, int], int] = field(default_factory=dict, repr=False)  # map layers per run
-    _pending: Dict[tuple, list] = field(default_factory=dict, repr=False)  # maps not computed yet, per group
-    _heads: Dict[tuple, IPHeads] = field(default_factory=dict, repr=False)
-    _coef: Dict[Size, Tuple[Optional[torch.Tensor], float]] = field(default_factory=dict, repr=False)  # per call
-    _text_matrix: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
-    _head_mask: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
-    _rows_seen: Any = field(default=None, repr=False)
+    grid_maps: Dict[Size, torch.Tensor] = field(default_factory=dict)  # grid -> (B_map, h, w, R+1) float32
+    grid_layers: Dict[Size, int] = field(default_factory=dict)  # grid -> map layers summed this call
+    map_total: int = field(default=0, repr=False)            # map layers per UNet call (planned)
+    queue_level: Tuple[int, int] = field(default=(0, 320), repr=False)  # finest attention level, its C (planned)
+    _queue: List[tuple] = field(default_factory=list, repr=False)  # (grid, heads, q, key pieces, T) not computed yet
+    _queued: int = field(default=0, repr=False)
+    _queue_cap: int = field(default=0, repr=False)
+    _seen: int = field(default=0, repr=False)
+    _targets: Dict[Size, torch.Tensor] = field(default_factory=dict, repr=False)  # grids written via map_target
+    _kv: Dict[tuple, RegionKV] = field(default_factory=dict, repr=False)
+    _coef: Dict[Size, Optional[torch.Tensor]] = field(default_factory=dict, repr=False)  # per call, from masks
+    _values: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _groups_seen: Optional[tuple] = field(default=None, repr=False)  # (token_groups, row_groups, as ints)
     _bank_rows: Dict[tuple, Tuple[int, ...]] = field(default_factory=dict, repr=False)  # groups -> bank rows
-    _bank_keys: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # per layer: (P, C)
-    _run_bank_keys: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # per run: (L*B, P, C)
-    _rows_key: Optional[Tuple[int, ...]] = field(default=None, repr=False)
+    _bank_keys: Dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)  # per layer: (P*C,)
 
     def start_call(self, latent_hw: Size, batch: int) -> None:
         """UNet entry: forget the last call's maps and coefficients."""
         self.latent_hw = latent_hw
         self.batch = batch
+        # maps wait for the call's last map layer (SD1.5: all of them fit), or until the q's they
+        # hold reach 4 attention inputs of the finest attention level: bounded memory (SDXL)
+        level, width = self.queue_level
+        h, w = downsampled_hw(latent_hw, level)
+        self._queue_cap = 4 * batch * h * w * width  # elements
         self.clear_call()
 
     def clear_call(self) -> None:
-        """Drop what the last UNet call left: its maps (on the device) and coefficients."""
-        self.maps.clear()
+        """Drop what the last UNet call left: its maps (on the device), queue and coefficients."""
         self.grid_maps.clear()
-        self._pending.clear()
+        self.grid_layers.clear()
+        self._targets.clear()
+        self._queue.clear()
+        self._queued = self._seen = 0
         self._coef.clear()
 
-    def add_map(self, layer: AttnLayer, hw: Size, q: torch.Tensor, k: torch.Tensor,
-                bank_keys: Optional[torch.Tensor] = None) -> None:
-        """Queue one map layer's q (B_map, N, C), k (B_map, T, C) and projected bank rows (P, C) or
-        None. A run (the map layers of one
-        level in the down or in the up half of the UNet, which run one after another) is computed
-        together once its last layer ran: a handful of kernels for all of them, and nothing is
-        held across the bottleneck, where the UNet's memory peaks."""
-        run = self.map_runs.get(layer.index, ("", layer.index))
-        group = (run, hw, layer.heads, tuple(q.shape[1:]), tuple(k.shape[1:]))
-        pending = self._pending.setdefault(group, [])
-        pending.append((layer.index, q, k, bank_keys))
-        if len(pending) == self.run_sizes.get(run, 1):
-            self.flush_maps(group)
+    def add_map(self, hw: Size, heads: int, index: int, q: torch.Tensor, k: torch.Tensor,
+                rows: slice = slice(None), bank_keys: Optional[torch.Tensor] = None) -> None:
+        """Queue the map rows `rows` of map layer `index`'s q (B, N, C) and k (B, T, C), with its
+        projected bank rows (P*C,) or None; compute the queue when the call's last map layer ran,
+        or when it grew past its cap."""
+        self._queue.append((hw, heads, q[rows], self.map_keys(index, k, rows, bank_keys), k.shape[1]))
+        self._queued += q.untyped_storage().nbytes() // q.element_size()  # all of q is held, not only its map rows
+        self._seen += 1
+        if self._seen >= self.map_total or self._queued > self._queue_cap:
+            self.flush_maps()
 
-    def flush_maps(self, group: Optional[tuple] = None) -> None:
-        """Compute queued maps (one group, or all) into `maps` and `grid_maps`."""
-        for key in [group] if group is not None else list(self._pending):
-            pending = self._pending.pop(key, None)
-            if not pending:
-                continue
-            _, hw, heads, _, _ = key
-            q = pending[0][1] if len(pending) == 1 else torch.cat([p[1] for p in pending])  # (L*B_map, N, C)
-            k = pending[0][2] if len(pending) == 1 else torch.cat([p[2] for p in pending])  # (L*B_map, T, C)
-            prompt_tokens = k.shape[1]
-            if pending[0][3] is not None:  # phrases located from themselves: their keys after the prompt's
-                k = torch.cat([k, self._stacked_bank_keys(pending, k.shape[0] // len(pending))], dim=1)  # (L*B_map, T+P, C)
-            matrix = self.text_matrix(k.shape[1], heads, q.device, prompt_tokens, layers=len(pending))
-            mask = self.head_mask(q.shape[2], heads, q.device, map_dtype(q.dtype))
-            with _plain_math(q.device):
-                maps = text_maps(q, k, heads, matrix, mask)  # (L*B_map, R, N)
-            maps = maps.view(len(pending), -1, *maps.shape[1:])  # (L, B_map, R, N)
-            previous = self.grid_maps.get(hw)
-            self.grid_maps[hw] = maps if previous is None else torch.cat([previous, maps])
-            for i, (index, _, _, _) in enumerate(pending):
-                self.maps[index] = (hw, maps[i])
+    def map_keys(self, index: int, k: torch.Tensor, rows: slice = slice(None),
+                 bank_keys: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+        """The text keys of map layer `index`'s map rows as pieces whose concatenation, flattened,
+        is (B_map, T', C): the host's k (T' = T), or with bank rows (P*C,) each row's T prompt keys
+        then the P phrase keys (T' = T + P). Views only, as many as without a bank: the queue's one
+        copy lays them out, so the phrase's keys cost no operator of their own. The groups index
+        them from T on."""
+        if bank_keys is None:
+            return [k[rows]]  # (B_map, T, C)
+        flat = k.reshape(k.shape[0], -1).unbind(0)[rows]  # B_map rows (T*C,)
+        return [piece for row in flat for piece in (row, bank_keys)]
 
     def bank_keys(self, layer: AttnLayer, to_k: nn.Module, device: torch.device, dtype: torch.dtype
                   ) -> Optional[torch.Tensor]:
         """The bank rows the current token groups name, projected with this layer's own to_k
-        (P, C_inner) in the keys' dtype; None when the groups name prompt tokens only. Computed
-        at the layer (where a low-VRAM host has put its weights) once per pass."""
+        (P*C_inner,) (flat, as the map queue copies it) in the keys' dtype; None when the groups
+        name prompt tokens only. Computed at the layer (where a low-VRAM host has put its weights)
+        once per pass."""
         rows = self.groups_bank_rows()
         if not rows:
             return None
@@ -275,7 +277,7 @@ class RegionState:
             pick = torch.tensor(rows, dtype=torch.long)
             phrases = self.bank.index_select(0, pick).to(device=device, dtype=dtype)  # (P, C_ctx)
             # the module itself, as the host calls it (LoRA, fp8 casts); its q/k are already captured
-            found = self._bank_keys[key] = to_k(phrases).to(dtype)  # (P, C_inner)
+            found = self._bank_keys[key] = to_k(phrases).to(dtype).reshape(-1)  # (P*C_inner,)
         return found
 
     def groups_bank_rows(self) -> Tuple[int, ...]:
@@ -300,32 +302,97 @@ class RegionState:
     def forget_bank_keys(self) -> None:
         """Drop the projected bank rows (a new pass may bring other weights: LoRA, another UNet)."""
         self._bank_keys.clear()
-        self._run_bank_keys.clear()
 
-    def _stacked_bank_keys(self, pending: list, batch: int) -> torch.Tensor:
-        """The projected bank rows of a run's layers, one copy per map row (L*B_map, P, C), cached."""
-        key = (tuple(p[0] for p in pending), batch, tuple(id(p[3]) for p in pending))
-        found = self._run_bank_keys.get(key)
+    def flush_maps(self) -> None:
+        """Compute the queued maps: one copy of every queued q and k, one attention and one sum per grid."""
+        queue, self._queue, self._queued = self._queue, [], 0
+        if not queue or not self.token_groups:
+            return
+        groups: Dict[tuple, list] = {}
+        for hw, heads, q, keys, prompt_tokens in queue:
+            tokens = sum(p.numel() for p in keys) // (q.shape[0] * q.shape[2])
+            groups.setdefault((hw, heads, tuple(q.shape), tokens, prompt_tokens, q.dtype, q.device), []
+                              ).append((q, keys))
+        pieces = [t if t.ndim == 1 else t.reshape(-1) for items in groups.values() for t in
+                  [q for q, _ in items] + [p for _, keys in items for p in keys]]
+        del queue
+        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # every q and k, one copy
+        del pieces
+        regions = len(self.token_groups)
+        offset = 0
+        for (hw, heads, q_shape, tokens, prompt_tokens, dtype, device), items in groups.items():
+            layers = len(items)
+            rows, positions, width = q_shape
+            size_q, size_k = layers * rows * positions * width, layers * rows * tokens * width
+            q = flat[offset:offset + size_q].view(layers * rows, positions, width)  # (L*B_map, N, C)
+            k = flat[offset + size_q:offset + size_q + size_k].view(layers * rows, tokens, width)  # (L*B_map, T, C)
+            offset += size_q + size_k
+            values = self.map_values(tokens, heads, width // heads, device, dtype, prompt_tokens,
+                                     layers * rows)  # (H, T, Ev), or per row (L*B_map, H, T, Ev)
+            with plain_math(device):
+                raw = text_attention_raw(q, k, values)  # (L*B_map, N, H, Ev)
+            raw = raw.reshape(layers, rows, hw[0], hw[1], heads, -1)[..., :regions + 1]  # (L, B_map, h, w, H, R+1)
+            self._sum_into(hw, rows, raw)
+            self.grid_layers[hw] = self.grid_layers.get(hw, 0) + layers
+
+    def _sum_into(self, hw: Size, rows: int, raw: torch.Tensor) -> None:
+        """Sum raw maps (L, B_map, h, w, H, R+1) over layers and heads into this call's grid maps."""
+        target = self._targets.get(hw)
+        if target is None and hw not in self.grid_maps and self.map_target is not None:
+            target = self.map_target(hw, rows)
+            if target is not None:
+                torch.sum(raw, dim=(0, 4), dtype=torch.float32, out=target)  # (B_map, h, w, R+1)
+                self._targets[hw] = target
+                return
+        summed = raw.sum(dim=(0, 4), dtype=torch.float32)  # (B_map, h, w, R+1)
+        if target is not None:
+            target.add_(summed)
+        elif hw in self.grid_maps:
+            self.grid_maps[hw].add_(summed)
+        else:
+            self.grid_maps[hw] = summed
+
+    def map_values(self, tokens: int, heads: int, dim: int, device: torch.device, dtype: torch.dtype,
+                   prompt_tokens: Optional[int] = None, rows: int = 1) -> torch.Tensor:
+        """Map values of the current token groups over T key columns, the first `prompt_tokens`
+        (default all) the prompt's, the rest the named bank rows (cached): (H, T, Ev) when the map
+        rows share their groups, else (rows, H, T, Ev) for `rows` = L*B_map rows, layer by layer."""
+        key_groups = self._groups_key()
+        prompt_tokens = tokens if prompt_tokens is None else prompt_tokens
+        per_row = len(key_groups) > 1
+        key = (key_groups, tokens, prompt_tokens, heads, dim, device, dtype, rows if per_row else 1)
+        found = self._values.get(key)
         if found is None:
-            found = torch.cat([p[3].expand(batch, -1, -1) for p in pending])  # (L*B_map, P, C)
-            self._run_bank_keys[key] = found
+            bank = self.groups_bank_rows()
+            if len(bank) != tokens - prompt_tokens:
+                raise GeometryError(f"{tokens - prompt_tokens} key columns after the prompt, but the token "
+                                    f"groups name {len(bank)} phrase-bank rows")
+            values = [text_map_values(resolve_columns(groups, prompt_tokens, bank), tokens, heads, dim, device, dtype,
+                                      allow_empty=True) for groups in key_groups]  # each (H, T, Ev)
+            if per_row:
+                if rows % len(values):
+                    raise GeometryError(f"{len(values)} rows of token groups for {rows} map rows")
+                found = torch.stack(values * (rows // len(values)))  # (L*B_map, H, T, Ev)
+            else:
+                found = values[0]
+            self._values[key] = found
         return found
 
     def _rows_for(self, batch: int) -> Optional[Tuple[int, ...]]:
         rows = self.rows
         if rows is None:
             return None
-        if rows.shape != (batch,):
-            raise GeometryError(f"rows has shape {tuple(rows.shape)}, the UNet call has B={batch} rows")
-        if rows is not self._rows_seen:  # read a new rows tensor once, not once per layer
-            self._rows_seen, self._rows_key = rows, tuple(int(r) for r in rows.tolist())
-        return self._rows_key
+        if isinstance(rows, torch.Tensor):  # a CPU tensor: no device sync
+            rows = self.rows = tuple(int(r) for r in rows.tolist())
+        if len(rows) != batch:
+            raise GeometryError(f"rows has shape ({len(rows)},), the UNet call has B={batch} rows")
+        return tuple(rows)
 
-    def layer_heads(self, index: int, batch: int, heads: int, device: torch.device, dtype: torch.dtype) -> IPHeads:
-        """Keys and values of layer `index` for the rows of this call, block-diagonal (cached)."""
+    def layer_kv(self, index: int, batch: int, heads: int, device: torch.device, dtype: torch.dtype) -> RegionKV:
+        """Keys and values of layer `index` for the rows of this call, weights folded in (cached)."""
         rows = self._rows_for(batch)
         key = (index, rows, batch, device, dtype)
-        found = self._heads.get(key)
+        found = self._kv.get(key)
         if found is None:
             k, v = self.kv[index]
             sets = k.shape[1]
@@ -336,63 +403,36 @@ class RegionState:
                 raise GeometryError(
                     f"layer {index}: {sets} token sets for a UNet call of {batch} rows and no `rows` given"
                 )
-            found = ip_heads(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), heads, batch)
-            self._heads[key] = found
+            weights = self.weights
+            if isinstance(weights, torch.Tensor) and weights.ndim == 2 and weights.shape[0] != batch:
+                raise GeometryError(f"weights {tuple(weights.shape)} for a UNet call of B={batch} rows")
+            found = region_kv(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), heads, batch,
+                              None if weights is None else weights.to(device))
+            self._kv[key] = found
         return found
 
     def coefficients(self, hw: Size, batch: int, positions: int, regions: int, device: torch.device,
-                     dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], float]:
-        """(coef (B|1, N|1, R) or None, alpha) of grid hw for this call: term = alpha * sum coef_r ..."""
-        found = self._coef.get(hw)
-        if found is None:
-            found = self._coef[hw] = self._make_coefficients(hw, batch, positions, regions, device, dtype)
-        return found
+                     dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """Masks (B, N, R) of grid hw for this call's rows in `dtype`, or None (M = 1)."""
+        if self.coef is not None:
+            found = self.coef(hw, device, dtype)
+            if found is None:
+                raise GeometryError(f"no masks for grid {hw[0]}x{hw[1]} in this call's masks")
+            return found
+        if self.masks is None:
+            return None
+        if hw not in self._coef:
+            self._coef[hw] = self._coefficients_from_masks(hw, batch, positions, regions, device, dtype)
+        return self._coef[hw]
 
-    def _make_coefficients(self, hw, batch, positions, regions, device, dtype):
-        weights = self.weights
-        masks = None
-        if self.masks is not None:
-            if tuple(hw) not in self.masks:
-                raise GeometryError(f"no masks for grid {hw[0]}x{hw[1]}; masks hold grids {sorted(self.masks)}")
-            masks = self.masks[tuple(hw)]
-            if masks.shape[0] not in (1, batch):
-                raise GeometryError(f"masks for grid {hw} have {masks.shape[0]} rows, the UNet call has B={batch}")
-        elif (regions == 1 and isinstance(weights, torch.Tensor) and weights.numel() == 1
-              and weights.device.type == "cpu"):
-            return None, float(weights)  # plain IP-Adapter: the weight is a scalar of the add
-        if masks is not None and self.masks_weighted:
-            weights = None
-        coef = region_coefficients(masks, weights, batch, regions, positions, device)  # (B|1, N|1, R)
-        return coef.to(dtype), 1.0
-
-    def text_matrix(self, tokens: int, heads: int, device: torch.device,
-                    prompt_tokens: Optional[int] = None, layers: int = 1) -> torch.Tensor:
-        """Averaging matrix of the current token groups over T key columns, the first
-        `prompt_tokens` (default all) the prompt's, the rest the named bank rows (cached): (H*T, R)
-        when the map rows share their groups, else (L*B_map, H*T, R) for `layers` layers' rows."""
-        key_groups = self._groups_key()
-        prompt_tokens = tokens if prompt_tokens is None else prompt_tokens
-        per_row = len(key_groups) > 1
-        key = (key_groups, tokens, prompt_tokens, heads, device, layers if per_row else 1)
-        found = self._text_matrix.get(key)
-        if found is None:
-            rows = self.groups_bank_rows()
-            if len(rows) != tokens - prompt_tokens:
-                raise GeometryError(f"{tokens - prompt_tokens} key columns after the prompt, but the token "
-                                    f"groups name {len(rows)} phrase-bank rows")
-            matrices = [text_map_matrix(resolve_columns(groups, prompt_tokens, rows), tokens, heads, device,
-                                        allow_empty=True) for groups in key_groups]  # each (H*T, R)
-            found = torch.stack(matrices * layers) if per_row else matrices[0]  # (L*B_map, H*T, R) or (H*T, R)
-            self._text_matrix[key] = found
-        return found
-
-    def head_mask(self, width: int, heads: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """(C, H, 1) head mask of text_maps (cached)."""
-        key = (width, heads, device, dtype)
-        found = self._head_mask.get(key)
-        if found is None:
-            found = self._head_mask[key] = head_mask(width, heads, device, dtype)
-        return found
+    def _coefficients_from_masks(self, hw, batch, positions, regions, device, dtype):
+        if tuple(hw) not in self.masks:
+            raise GeometryError(f"no masks for grid {hw[0]}x{hw[1]}; masks hold grids {sorted(self.masks)}")
+        masks = self.masks[tuple(hw)]
+        if masks.shape[0] not in (1, batch):
+            raise GeometryError(f"masks for grid {hw} have {masks.shape[0]} rows, the UNet call has B={batch}")
+        coef = region_coefficients(masks, None, batch, regions, positions, device)  # (B|1, N, R)
+        return coef.expand(batch, positions, regions).to(dtype).contiguous()  # (B, N, R)
 
 
 class _Slot:
@@ -426,9 +466,10 @@ def _autocast_query():
 _autocast_enabled = _autocast_query()
 
 
-def _plain_math(device: torch.device):
-    """The term's math without autocast: its inputs already have the host's dtypes, and autocast
-    (the WebUI samples fp16 models under it) would add a cast around softmax and every matmul."""
+def plain_math(device: torch.device):
+    """Our math without autocast: its inputs already have the dtypes we want, and autocast (the
+    WebUI samples fp16 models under it) would add a cast around softmax and every matmul, or run
+    the mask maths in half precision."""
     try:
         active = _autocast_enabled(device.type)
     except RuntimeError:  # a device type without autocast (meta)
@@ -489,11 +530,12 @@ class _LayerHooks:
         slot.q = slot.k = None  # free them before the host's projection
         if term is None:
             return None
-        q, ip, coef, alpha = term
-        with _plain_math(q.device):
+        q, kv, coef = term
+        with plain_math(q.device):
             if out.dtype == q.dtype:
-                return (add_region_ip(q, ip, coef, base=out, alpha=alpha),)
-            return (out + add_region_ip(q, ip, coef, alpha=alpha).to(out.dtype),)
+                new = add_region_term(out, q, kv, coef)  # in place when it can be
+                return None if new is out else (new,)
+            return (out + add_region_term(torch.zeros_like(q), q, kv, coef).to(out.dtype),)
 
     def exit(self, module, args, kwargs, output):
         """attn2 hook: clear the slot; add W_out delta when the to_out[0] route did not apply."""
@@ -510,9 +552,9 @@ class _LayerHooks:
             term = self._term(module, output.shape[0], output.shape[1])
             if term is None:
                 return None
-            q, ip, coef, alpha = term
-            with _plain_math(q.device):
-                delta = add_region_ip(q, ip, coef, alpha=alpha)  # (B, N, C_inner)
+            q, kv, coef = term
+            with plain_math(q.device):
+                delta = add_region_term(torch.zeros_like(q), q, kv, coef)  # (B, N, C_inner)
                 w_out = module.to_out[0].weight
                 if w_out.dtype != delta.dtype:  # fp8 storage casts at use
                     w_out = w_out.to(delta.dtype)
@@ -521,7 +563,7 @@ class _LayerHooks:
             slot.reset()  # nothing captured here outlives this call
 
     def _term(self, attn, batch: int, positions: int):
-        """Record this layer's text maps; return (q, IPHeads, coef, alpha) of the term, or None."""
+        """Queue this layer's text maps; return (q, RegionKV, coef) of the term, or None."""
         slot, state, layer = self.slot, self.state, self.layer
         q = slot.q
         if slot.q_calls != 1 or q is None or tuple(q.shape[:2]) != (batch, positions):
@@ -539,14 +581,14 @@ class _LayerHooks:
             k = slot.k
             if slot.k_calls != 1 or k is None or k.shape[0] != batch:
                 k = attn.to_k(slot.context if slot.context is not None else slot.x)
-            rows = state.map_rows or slice(None)
-            state.add_map(layer, hw, q[rows], k[rows], state.bank_keys(layer, attn.to_k, k.device, k.dtype))
+            state.add_map(hw, layer.heads, layer.index, q, k, state.map_rows or slice(None),
+                          state.bank_keys(layer, attn.to_k, k.device, k.dtype))
 
         if not state.add_term:
             return None
-        ip = state.layer_heads(layer.index, batch, layer.heads, q.device, q.dtype)
-        coef, alpha = state.coefficients(hw, batch, positions, ip.regions, q.device, q.dtype)
-        return q, ip, coef, alpha
+        kv = state.layer_kv(layer.index, batch, layer.heads, q.device, q.dtype)
+        coef = state.coefficients(hw, batch, positions, kv.regions, q.device, q.dtype)
+        return q, kv, coef
 
 
 class _UNetEnter:
@@ -576,7 +618,7 @@ class _UNetExit:
         self.state = state
 
     def __call__(self, module, args, output):
-        self.state.flush_maps()  # maps of levels whose layers did not all run
+        self.state.flush_maps()  # maps of map layers that did not all run
         if self.state.after_call is not None:
             self.state.after_call(self.state)
         return None
@@ -588,9 +630,9 @@ def plan_region_hooks(
     """Plan the UNet and per-layer hooks of the region IP term into `session` (not yet active)."""
     if len(state.kv) != len(layers):
         raise CharacterAdapterError(f"state has keys/values for {len(state.kv)} layers, the UNet has {len(layers)}")
-    state.map_runs = {layer.index: (layer.name.split(".")[0], layer.level)
-                      for layer in layers if layer.index in state.map_layers}
-    state.run_sizes = dict(Counter(state.map_runs.values()))
+    state.map_total = sum(1 for layer in layers if layer.index in state.map_layers)
+    finest = min(layer.level for layer in layers)
+    state.queue_level = (finest, min(layer.inner_dim for layer in layers if layer.level == finest))
     session.add_forward_pre_hook(unet, _UNetEnter(state), with_kwargs=True, label="unet.enter")
     session.add_forward_hook(unet, _UNetExit(state), label="unet.exit")
     for layer in layers:

@@ -5,14 +5,20 @@ Mask tensors from `soft_masks` / `hard_masks` carry R+1 channels: the background
 index 0 (``BACKGROUND``) and region r is channel r+1, so ``masks[:, 1:]`` are the region masks in
 region order. Over the channel axis they sum to 1 at every position.
 
+The functions below define the masks; the sampling loop (charadapter.fusion) computes the same
+numbers channels-last, (B, N, R+1), in a handful of operators per step (`fused_logits`,
+`one_hot_last`, `pyramid_channels_last`), and tests hold the two equal.
+
 Several characters (`character_layout`): K characters with R_k regions each give P = sum_k
 max(R_k, 1) (character, region) pairs, character by character; their masks (B, P+1, N) keep the
-same convention (background first, then the pairs in order, summing to 1).
+same convention (background first, then the pairs in order, summing to 1). Channels-last, the
+sampling loop turns fused_logits' columns into the pairs' logits with `character_logits`.
 """
 
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .errors import GeometryError
 from .geometry import Size, downsampled_hw, resize_maps
@@ -196,3 +202,91 @@ def merge_maps(maps: Iterable[Tuple[Size, torch.Tensor]], dst_hw: Size) -> torch
     if len(shapes) != 1:
         raise GeometryError(f"maps to merge disagree in shape after resizing: {sorted(shapes)}")
     return torch.stack(resized).mean(dim=0)  # (B, R, N_dst)
+
+
+# ---- channels-last, for the sampling loop ---------------------------------------------------------
+
+MAP_FLOOR = 1e-3  # added (exactly) to every map `fused_logits` gets: a flat map stays flat, never 0/0
+SPAN_DELTA = 1e-6  # span = max - (1 - delta) * min: > 0 for maps >= MAP_FLOOR, ~ max - min otherwise
+
+
+def fused_logits(maps: torch.Tensor, bias: torch.Tensor, temperature: float, copies: int = 1) -> torch.Tensor:
+    """Mask logits (copies, I, N, R+1) of maps (I, N, R+1) >= MAP_FLOOR, whose column 0 is constant
+    (the background), in 4 operators: (maps - min) / span / temperature + bias, per column.
+
+    bias (R+1,) = [background / temperature, 0, ...]. This is mask_logits(...) / temperature
+    channels-last, up to the span's relative SPAN_DELTA * min / span, with one difference: a map
+    flatter than 1e-6 is normalised rather than zeroed (exactly flat maps still give 0).
+    """
+    lo, hi = torch.aminmax(maps, dim=1, keepdim=True)  # (I, 1, R+1)
+    span = torch.sub(hi, lo, alpha=1.0 - SPAN_DELTA)  # (I, 1, R+1)
+    d = torch.sub(maps.expand(copies, *maps.shape), lo)  # (copies, I, N, R+1): a row per copy
+    return torch.addcdiv(bias, d, span, value=1.0 / temperature)
+
+
+def one_hot_last(logits: torch.Tensor, dtype: torch.dtype, channels: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One-hot (..., R+1) in `dtype` of the argmax over the last axis (ties: the lower channel);
+    `channels` = arange(R+1) on the logits' device (made when None)."""
+    winner = logits.argmax(dim=-1, keepdim=True)  # (..., 1)
+    if channels is None:
+        channels = torch.arange(logits.shape[-1], device=logits.device)
+    return torch.eq(winner, channels, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
+
+
+def character_logits(logits: torch.Tensor, counts: Sequence[int], subject_columns: Sequence[Optional[int]],
+                     mode: str, temperature: float) -> torch.Tensor:
+    """Pair logits (..., N, P+1) from fused_logits' columns (..., N, 1+M) = [background, every
+    character's region maps, the subject maps] / temperature, whose softmax (soft) is
+    character_layout's masks and whose argmax (hard) its one-hot choice: M_kj = A_k L_k[j]."""
+    background = logits[..., :1]  # (..., N, 1): beta / tau
+    zero = torch.zeros_like(background)
+    subjects = [zero if c is None else logits[..., c:c + 1] for c in subject_columns]  # each (..., N, 1)
+    if mode == "hard":  # the winning character's channels lifted above every other's
+        lift = 2.0 / temperature + 1.0
+        winner = torch.cat(subjects, dim=-1).argmax(dim=-1, keepdim=True)  # (..., N, 1)
+    pairs, backgrounds = [], []
+    start = 1
+    for k, count in enumerate(counts):
+        if mode == "hard":
+            share = (winner == k).to(logits.dtype) * lift  # (..., N, 1)
+        if count:
+            regions = logits[..., start:start + count]  # (..., N, R_k)
+            start += count
+            if mode == "hard":
+                pairs.append(regions + share)
+                backgrounds.append(background + share)
+            else:
+                norm = torch.logsumexp(torch.cat([background, regions], dim=-1), dim=-1, keepdim=True)
+                pairs.append(subjects[k] + regions - norm)
+                backgrounds.append(subjects[k] + background - norm)
+        else:  # the whole figure: L_k = [0, 1]
+            pairs.append(2.0 * share if mode == "hard" else subjects[k])
+    if mode == "hard":
+        back = torch.stack(backgrounds, dim=-1).amax(dim=-1) if backgrounds else background - 3.0 * lift
+    else:
+        back = (torch.logsumexp(torch.cat(backgrounds, dim=-1), dim=-1, keepdim=True) if backgrounds
+                else torch.full_like(background, float("-inf")))
+    return torch.cat([back] + pairs, dim=-1)  # (..., N, P+1)
+
+
+def character_prior_last(regions: Sequence[int], shape: Tuple[int, ...], device: Optional[torch.device] = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`character_prior` channels-last: (B, N, P+1) for shape (B, N, P+1)."""
+    counts = [max(int(r), 1) for r in regions]
+    values = [0.0] + [1.0 / (len(counts) * c) for c in counts for _ in range(c)]
+    return torch.tensor(values, dtype=dtype, device=device).expand(shape).contiguous()  # (B, N, P+1)
+
+
+def pyramid_channels_last(masks: torch.Tensor, latent_hw: Size, levels: Iterable[int]) -> Dict[Size, torch.Tensor]:
+    """Masks (B, N_latent, C) area-averaged to every level's grid -> {(h, w): (B, N_level, C)},
+    one pooling operator per level below the latent (same numbers as `area_pyramid`)."""
+    batch, _, channels = masks.shape
+    grid = masks.view(batch, latent_hw[0], latent_hw[1], channels).permute(0, 3, 1, 2)  # (B, C, h, w), channels-last
+    out = {}
+    for hw in (downsampled_hw(latent_hw, level) for level in sorted(set(levels))):
+        if tuple(hw) == tuple(latent_hw):
+            out[hw] = masks
+            continue
+        pooled = F.adaptive_avg_pool2d(grid, hw)  # (B, C, h', w'), channels-last like its input
+        out[hw] = pooled.permute(0, 2, 3, 1).reshape(batch, hw[0] * hw[1], channels)  # (B, N_level, C): a view
+    return out

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from .errors import CharacterAdapterError
-from .geometry import Size
+from .geometry import Size, resize_maps
 from .hooks import HookSession, RegionState, plan_region_hooks
 from .layers import DEFAULT_MAP_LEVELS, AttnLayer, map_layers
-from .segmentation import SegmentationResult, aggregate_maps, masks_from_maps
+from .segmentation import SegmentationResult, masks_from_maps
 
 SEGMENTATION_SEED = 650  # fixed: the same reference gives the same masks every time
 
@@ -46,18 +46,22 @@ def capture_region_maps(
     run_unet: Callable[[], object],
     token_groups: Sequence[Sequence[int]],
     row: int = 0,
-) -> List[Tuple[Size, torch.Tensor]]:
+) -> List[Tuple[Size, torch.Tensor, int]]:
     """Run the UNet once with the region hooks recording maps on `chosen`; no image term is added.
 
-    Returns (grid, maps (R, N)) per chosen layer for batch row `row`: text attention of each
-    region's tokens, mean over heads and tokens, from the q and k the host computed itself.
+    Returns (grid, maps (R, N), layers) per grid of the chosen layers, for batch row `row`: text
+    attention of each region's tokens, mean over heads and tokens, summed over the grid's layers,
+    from the q and k the host computed itself.
     """
     if not token_groups or any(len(group) == 0 for group in token_groups):
         raise CharacterAdapterError(f"every region phrase needs at least one token, got {list(token_groups)}")
-    recorded: List[Tuple[Size, torch.Tensor]] = []
+    recorded: List[Tuple[Size, torch.Tensor, int]] = []
+    regions = len(token_groups)
 
     def keep_maps(state: RegionState) -> None:
-        recorded.extend((hw, maps[row].float().cpu()) for _, (hw, maps) in sorted(state.maps.items()))
+        for hw, maps in sorted(state.grid_maps.items()):  # maps (B, h, w, R+1): background column first
+            grid = maps[row, ..., 1:].reshape(hw[0] * hw[1], regions).t()  # (R, N)
+            recorded.append((hw, grid.float().cpu(), state.grid_layers[hw]))
 
     # maps only (add_term False); plan_region_hooks wants one (k, v) per layer: a zero token each
     kv = [(torch.zeros(1, 1, 1, layer.inner_dim), torch.zeros(1, 1, 1, layer.inner_dim)) for layer in layers]
@@ -70,9 +74,10 @@ def capture_region_maps(
             run_unet()
     finally:
         state.clear_call()  # the maps on the device: what is needed was copied out
-    if len(recorded) != len(chosen):
+    if sum(count for _, _, count in recorded) != len(chosen):
         raise CharacterAdapterError(
-            f"the segmentation pass recorded maps on {len(recorded)} of {len(chosen)} attention layers"
+            f"the segmentation pass recorded maps on {sum(c for _, _, c in recorded)} of {len(chosen)} "
+            f"attention layers"
         )
     return recorded
 
@@ -90,8 +95,10 @@ def segment_reference(
     chosen = map_layers(layers, levels)
     if not chosen:
         raise CharacterAdapterError("the UNet has no cross-attention layers to segment with")
-    layer_maps = capture_region_maps(unet, layers, chosen, run_unet, token_groups)
-    maps = aggregate_maps([m for _, m in layer_maps], latent_hw)  # (R, h, w)
+    grids = capture_region_maps(unet, layers, chosen, run_unet, token_groups)
+    # the mean over layers on the latent grid; resizing is linear, so each grid's sum is resized once
+    total = sum(resize_maps(maps, hw, latent_hw) for hw, maps, _ in grids) / len(chosen)  # (R, h*w)
+    maps = total.reshape(len(token_groups), latent_hw[0], latent_hw[1])  # (R, h, w)
     return masks_from_maps(maps, threshold=threshold), maps
 
 

@@ -202,7 +202,7 @@ def _naive_delta(q, keys, values, heads, masks, weights):
     (1, 2, False, False), (1, 1, True, False), (3, 2, True, True), (3, 1, False, False), (2, 2, True, False),
 ])
 def test_region_ip_delta_matches_formula(regions, key_rows, use_masks, row_weights):
-    from charadapter.attention import region_ip_delta, region_ip_delta_sdpa
+    from charadapter.attention import region_ip_delta
     gen = torch.Generator().manual_seed(regions * 10 + key_rows)
     b, n, t, heads, c = 2, 12, 5, 4, 32
     q = torch.randn(b, n, c, generator=gen)
@@ -211,10 +211,9 @@ def test_region_ip_delta_matches_formula(regions, key_rows, use_masks, row_weigh
     masks = torch.rand(b, regions, n, generator=gen) if use_masks else None
     weights = torch.rand(b, regions, generator=gen) if row_weights else torch.rand(regions, generator=gen)
     expected = _naive_delta(q, keys, values, heads, masks, weights)
-    for fn in (region_ip_delta, region_ip_delta_sdpa):
-        got = fn(q, keys, values, heads, masks, weights)
-        assert got.shape == (b, n, c)
-        assert (got.double() - expected).abs().max() <= 1e-5, fn.__name__
+    got = region_ip_delta(q, keys, values, heads, masks, weights)
+    assert got.shape == (b, n, c)
+    assert (got.double() - expected).abs().max() <= 1e-5
     if regions == 1:  # (B, T, C) for one region is the same as (1, B, T, C)
         assert torch.allclose(region_ip_delta(q, keys[0], values[0], heads, masks, weights),
                               region_ip_delta(q, keys, values, heads, masks, weights))
@@ -268,29 +267,66 @@ def test_text_attention_probs():
         text_attention_probs(q, k, 2, [7])
 
 
-def test_add_region_ip_fuses_base_and_weight():
-    """add_region_ip(base, alpha) == base + alpha * region_ip_delta; ip_heads keeps rows apart."""
-    from charadapter.attention import region_coefficients, add_region_ip, ip_heads, region_ip_delta
+def test_add_region_term_adds_in_place_with_weights_in_the_values():
+    """add_region_term(out) == out + region_ip_delta, written into out; region_kv keeps rows apart."""
+    from charadapter.attention import add_region_term, region_coefficients, region_ip_delta, region_kv
     gen = torch.Generator().manual_seed(9)
     q, base = torch.randn(2, 10, 24, generator=gen), torch.randn(2, 10, 24, generator=gen)
     keys, values = torch.randn(2, 2, 3, 24, generator=gen), torch.randn(2, 2, 3, 24, generator=gen)
     masks = torch.rand(2, 2, 10, generator=gen)
-    delta = region_ip_delta(q, keys, values, 3, masks, torch.tensor([0.3, 1.4]))
-    ip = ip_heads(keys, values, 3)
-    assert ip.keys.shape == (2, 24, 3 * 3 * 2) and ip.values.shape == (2, 18, 24)  # (B, C, T*H*R)
-    coef = region_coefficients(masks, torch.tensor([0.3, 1.4]), 2, 2, 10, q.device)
-    fused = add_region_ip(q, ip, coef, base=base, alpha=0.5)
-    assert torch.allclose(fused, base + 0.5 * delta, atol=1e-6)
-    assert torch.allclose(add_region_ip(q, ip, coef, alpha=0.5), 0.5 * delta, atol=1e-6)
+    weights = torch.tensor([0.3, 1.4])
+    delta = region_ip_delta(q, keys, values, 3, masks, weights)
+    kv = region_kv(keys, values, 3, weights=weights)
+    assert kv.keys.shape == kv.values.shape == (2, 2 * 3, 3, 8)  # (B, R*H, T, D)
+    coef = region_coefficients(masks, None, 2, 2, 10, q.device).contiguous()  # (B, N, R)
+    out = base.clone()
+    fused = add_region_term(out, q, kv, coef)
+    assert fused is out and torch.allclose(fused, base + delta, atol=1e-6)
+    # one region: attention and one add; masks as (B, N, 1)
+    kv1 = region_kv(keys[:1], values[:1], 3, weights=weights[:1])
+    one = add_region_term(base.clone(), q, kv1, coef[..., :1].contiguous())
+    assert torch.allclose(one, base + region_ip_delta(q, keys[:1], values[:1], 3, masks[:, :1], weights[:1]),
+                          atol=1e-6)
+    # a tensor autograd tracks is not written in place
+    tracked = base.clone().requires_grad_(True)
+    with torch.enable_grad():
+        got = add_region_term(tracked, q, kv, coef)
+    assert got is not tracked and torch.equal(tracked.detach(), base)
 
 
 def test_text_maps_of_an_absent_phrase_are_zero():
-    from charadapter.attention import text_map_matrix, text_maps, text_region_maps
+    from charadapter.attention import text_map_values, text_region_maps
     from charadapter.errors import CharacterAdapterError
     gen = torch.Generator().manual_seed(10)
     q, k = torch.randn(2, 9, 16, generator=gen), torch.randn(2, 7, 16, generator=gen)
-    maps = text_maps(q, k, 2, text_map_matrix([[1, 2], [], [5]], 7, 2, allow_empty=True))
+    maps = text_region_maps(q, k, 2, [[1, 2], [], [5]], allow_empty=True)
     assert maps.shape == (2, 3, 9) and (maps[:, 1] == 0).all()
     assert torch.allclose(maps[:, [0, 2]], text_region_maps(q, k, 2, [[1, 2], [5]]), atol=1e-7)
     with pytest.raises(CharacterAdapterError, match="at least one token"):
-        text_map_matrix([[1], []], 7, 2)
+        text_map_values([[1], []], 7, 2, 8)
+
+
+def test_text_maps_with_appended_key_rows():
+    """Extra key rows (a phrase's own keys) join the softmax; their columns are maps like any other."""
+    from charadapter.attention import text_region_maps
+    gen = torch.Generator().manual_seed(11)
+    q, k, extra = (torch.randn(2, 9, 16, generator=gen), torch.randn(2, 7, 16, generator=gen),
+                   torch.randn(2, 3, 16, generator=gen))
+    joined = torch.cat([k, extra], dim=1)  # (B, T+P, C)
+    maps = text_region_maps(q, joined, 2, [[1, 2], [7, 8]])
+    qh, kh = q.view(2, 9, 2, 8).transpose(1, 2), joined.view(2, 10, 2, 8).transpose(1, 2)
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) / 8 ** 0.5, dim=-1).mean(dim=1)  # (B, N, T+P)
+    assert torch.allclose(maps[:, 0], probs[..., [1, 2]].mean(-1), atol=1e-6)
+    assert torch.allclose(maps[:, 1], probs[..., [7, 8]].mean(-1), atol=1e-6)
+
+
+def test_many_regions_fall_back_to_wider_values():
+    """More regions than a head has channels: the map values widen (unfused attention), same maps."""
+    from charadapter.attention import map_value_width, text_attention_probs, text_region_maps
+    gen = torch.Generator().manual_seed(12)
+    q, k = torch.randn(1, 5, 8, generator=gen), torch.randn(1, 7, 8, generator=gen)  # D = 4
+    groups = [[t] for t in range(7)]
+    assert map_value_width(7, 4) == 8 and map_value_width(3, 4) == 4
+    maps = text_region_maps(q, k, 2, groups)
+    assert torch.allclose(maps.sum(dim=1), torch.ones(1, 5), atol=1e-6)
+    assert torch.allclose(maps[:, :2], text_attention_probs(q, k, 2, [0, 1]), atol=1e-6)

@@ -17,11 +17,12 @@ from charadapter import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-KEYS = ("plain_ms", "one_region_ratio", "three_region_soft_ratio", "three_region_hard_ratio",
-        "three_vs_one_region_soft", "three_vs_one_region_hard", "two_characters_ratio",
+KEYS = ("plain_ms", "controlnet_ip_ratio", "one_region_ratio", "three_region_soft_ratio", "three_region_hard_ratio",
+        "three_vs_one_region_soft", "three_vs_one_region_hard", "one_region_vs_controlnet_ip",
+        "three_region_soft_vs_controlnet_ip", "two_characters_ratio",
         "two_characters_vs_three_regions", "in_step_ratios", "hook_ms", "projections_recomputed",
         "peak_mem_ratio", "segmentation_ms", "segmentation_cache_hit_ms", "cache_hit_vs_step", "aten_ops_per_step",
-        "gflop_per_step", "device", "dtype", "sizes", "goals_met")
+        "aten_ops_added", "aten_ops_added_per_attn2_layer", "gflop_per_step", "device", "dtype", "sizes", "goals_met")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_last_line_is_the_report(report):
     assert set(result["sizes"]) == {"8x8", "16x16"} and result["headline_size"] == "16x16"
     for size in result["sizes"].values():
         assert size["repeats"] == 1
-        assert size["plain_ms"] > 0 and size["three_region_soft_ms"] > 0 and size["two_characters_ms"] > 0
+        assert all(size[f"{mode}_ms"] > 0 for mode in bench.MODES)
 
 
 def test_no_projection_computed_twice(report):
@@ -60,10 +61,16 @@ def test_numbers_are_sane(report):
     assert result["plain_ms"] > 0 and result["segmentation_ms"] > 0
     assert 0 < result["segmentation_cache_hit_ms"] < result["plain_ms"]
     assert result["peak_mem_soft_mb"] > 0 and result["peak_mem_plain_mb"] > 0
-    ops, flops = result["aten_ops_per_step"], result["gflop_per_step"]
-    assert ops["plain"] < ops["one_region"] < ops["three_region_soft"]
-    assert flops["plain"] < flops["one_region"] < flops["three_region_soft"] < flops["two_characters"]
+    ops, flops, added = result["aten_ops_per_step"], result["gflop_per_step"], result["aten_ops_added"]
+    assert ops["plain"] < ops["one_region"] < ops["three_region_soft"] < ops["controlnet_ip"]
+    assert flops["plain"] < flops["one_region"] < flops["three_region_soft"]
+    assert flops["three_region_soft"] < flops["two_characters"]
     assert "in_step_two_characters_vs_three_regions" in result["goals_met"]
+    # two characters: the same per-layer operators as three regions, plus the layout's second level once per step
+    assert 0 < added["two_characters"] - added["three_region_soft"] <= 32
+    assert added["regions_3"] == added["regions_6"] == added["three_region_soft"]
+    assert result["aten_ops_added_per_attn2_layer"] <= 4.0 and result["goals_met"]["ops_added_per_attn2_layer"]
+    assert result["goals_met"]["ops_do_not_grow_with_regions"] is True
     assert all(isinstance(v, bool) for v in result["goals_met"].values())
     assert all(v >= 1.0 for v in result["in_step_ratios"].values())  # a step with our hooks, over itself without
     assert result["goals_met"]["projections_recomputed"] is True

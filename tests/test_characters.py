@@ -360,3 +360,29 @@ def test_xyz_overrides_reach_character_1_and_each_characters_weight():
         params.with_overrides({"character3_weight": 1.0})
     with pytest.raises(ParamError, match="Character 2: weight: must be between"):
         params.with_overrides({"character2_weight": 2.5})
+
+
+# ---------------------------------------------------------------- the sampling loop's channels-last form
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+def test_character_logits_give_the_layout(seed, mode):
+    """fused_logits' columns [background, regions, subjects] -> character_logits -> softmax / one-hot
+    is character_layout's masks (the sampling loop's form of the same formula)."""
+    from charadapter.masks import MAP_FLOOR, character_logits, fused_logits, one_hot_last
+
+    counts, tau, beta = [3, 2, 0], 0.1, 0.4
+    gen = torch.Generator().manual_seed(seed)
+    maps = torch.rand(2, 5 + 3, N, generator=gen)  # (I, regions + subjects, N)
+    reference = character_layout(maps[:, 5:], maps[:, :5], counts, mode, tau, beta)  # (I, P+1, N)
+    channels_last = torch.cat([torch.zeros(2, N, 1), maps.transpose(1, 2)], dim=-1) + MAP_FLOOR  # (I, N, 1+M)
+    bias = torch.zeros(1 + 8)
+    bias[0] = beta / tau
+    logits = character_logits(fused_logits(channels_last, bias, tau)[0], counts, [6, 7, 8], mode, tau)
+    got = torch.softmax(logits, dim=-1) if mode == "soft" else one_hot_last(logits, torch.float32)
+    assert got.shape == (2, N, 7)
+    if mode == "soft":
+        assert torch.allclose(got.transpose(1, 2), reference, atol=1e-5)
+    else:
+        assert torch.equal(got.transpose(1, 2), reference)

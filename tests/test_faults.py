@@ -271,7 +271,7 @@ def test_fault_in_our_own_hook_leaves_nothing(host, sd_model, spy, probes, monke
     runner, script = host
     from charadapter import hooks
 
-    real, calls = hooks.add_region_ip, []
+    real, calls = hooks.add_region_term, []
     probes(sd_model.model.diffusion_model, lambda module, args: calls.append(sampling_calls(args[0])), pre=True)
 
     def failing(*args, **kwargs):
@@ -279,7 +279,7 @@ def test_fault_in_our_own_hook_leaves_nothing(host, sd_model, spy, probes, monke
             raise torch.cuda.OutOfMemoryError("injected fault: out of memory in the region term")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hooks, "add_region_ip", failing)
+    monkeypatch.setattr(hooks, "add_region_term", failing)
     _, _, error = attempt(script, runner, steps=3)
     assert isinstance(error, torch.cuda.OutOfMemoryError), repr(error)
     assert_nothing_left(script, spy, sd_model)

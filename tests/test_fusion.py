@@ -261,3 +261,27 @@ def test_steady_steps_move_nothing_between_host_and_device(mode, regions):
                 traffic.append(watch.ops)
     assert fusion.calls_with_adapter == 4
     assert traffic[2] == traffic[3] == plain.ops  # the first steps copy keys/values and weights once
+
+
+def test_canvas_brings_every_map_grid_to_the_latent_in_two_products():
+    """The step's maps of all grids, resized (bilinear) to the latent grid and added up, plus the
+    floor: what two matrix products over the block-diagonal canvas give."""
+    from charadapter.fusion import _Canvas
+    from charadapter.geometry import resize_maps
+    from charadapter.masks import MAP_FLOOR
+    latent, grids = (15, 12), [(8, 6), (4, 3)]
+    canvas = _Canvas(grids, latent, images=2, channels=4, device=torch.device("cpu"))
+    gen = torch.Generator().manual_seed(5)
+    maps = {hw: torch.rand(2, hw[0], hw[1], 4, generator=gen) for hw in grids}  # (I, h, w, R+1)
+    for hw, m in maps.items():
+        canvas.block(hw, 0, 2).copy_(m)
+    got = canvas.on_latent()  # (I, N, R+1)
+    expected = sum(resize_maps(m.permute(0, 3, 1, 2).reshape(2, 4, -1), hw, latent)  # (I, R+1, N)
+                   for hw, m in maps.items())
+    assert got.shape == (2, 180, 4)
+    assert torch.allclose(got.transpose(1, 2), expected + MAP_FLOOR, atol=1e-5)
+    # an image that got no maps this step is cleared at the fold: no stale maps, only the floor
+    canvas.written = {(hw, 0): True for hw in grids}
+    assert canvas.clear_unwritten() and canvas.written == {}
+    assert torch.equal(canvas.on_latent()[1], torch.full((180, 4), MAP_FLOOR))
+    assert not canvas.clear_unwritten()  # nothing written: nothing to fold

@@ -349,12 +349,14 @@ def test_geometry_and_batch_errors(unet, inputs):
 
 
 def test_text_maps_from_host_q_and_k(unet, inputs):
+    """Maps are summed per grid over its map layers, background column first: the same numbers as
+    each layer's text attention computed from the host's q and k, added up."""
     layers, state = _state(unet, masks=False)
     map_layers = {l.index for l in layers if l.level == 1}
     calls = []
     state.map_layers = frozenset(map_layers)
     state.token_groups = [[t] for t in range(6)]  # every token its own region: maps sum to 1
-    state.after_call = lambda s: calls.append(dict(s.maps))
+    state.after_call = lambda s: calls.append((dict(s.grid_maps), dict(s.grid_layers)))
     seen = {}
     handles = [l.module.register_forward_pre_hook(
         lambda m, a, kw, i=l.index: seen.__setitem__(i, (a[0], kw["context"])), with_kwargs=True)
@@ -364,14 +366,20 @@ def test_text_maps_from_host_q_and_k(unet, inputs):
     finally:
         for h in handles:
             h.remove()
-    assert len(calls) == 1 and set(calls[0]) == map_layers
-    for index, (hw, maps) in calls[0].items():
-        layer = layers[index]
-        assert hw == (4, 4) and maps.shape == (2, 6, 16)
-        assert torch.allclose(maps.sum(dim=1), torch.ones(2, 16), atol=1e-5)
+    assert len(calls) == 1
+    grid_maps, grid_layers = calls[0]
+    assert set(grid_maps) == {(4, 4)} and grid_layers == {(4, 4): len(map_layers)}
+    maps = grid_maps[(4, 4)]
+    assert maps.shape == (2, 4, 4, 7) and maps.dtype == torch.float32  # (B, h, w, R+1)
+    assert (maps[..., 0] == 0).all()  # the background column
+    assert torch.allclose(maps[..., 1:].sum(dim=-1), torch.full((2, 4, 4), float(len(map_layers))), atol=1e-5)
+    expected = 0
+    for index in map_layers:
         x, ctx = seen[index]
-        expected = text_region_maps(layer.module.to_q(x), layer.module.to_k(ctx), layer.heads, state.token_groups)
-        assert torch.allclose(maps, expected, atol=1e-6)
+        layer = layers[index]
+        expected = expected + text_region_maps(layer.module.to_q(x), layer.module.to_k(ctx), layer.heads,
+                                               state.token_groups)  # (B, R, N)
+    assert torch.allclose(maps[..., 1:].reshape(2, 16, 6).transpose(1, 2), expected, atol=1e-5)
 
 
 def test_before_call_sets_per_call_fields(unet, inputs):
@@ -429,14 +437,36 @@ def test_term_rides_on_the_hosts_out_projection(unet, inputs):
             unet(x, timesteps=t, context=ctx)
     dense = ("aten.mm", "aten.addmm", "aten.linear")
     assert [n for n in hooked_ops.names if n in dense] == [n for n in plain_ops.names if n in dense]
-    assert hooked_ops.names.count("aten.baddbmm") == 16  # one fused (values @ probs + output) per layer
+    assert hooked_ops.names.count("aten.baddbmm_") == 16  # masks @ region outputs, added in place, per layer
+
+
+def test_autocast_query_of_the_running_torch():
+    """The query picked for the installed torch answers for the CPU, in and out of autocast."""
+    from charadapter import hooks
+
+    query = hooks._autocast_query()
+    takes_device = torch.__version__ >= (2, 4)  # torch < 2.4 (the WebUI's 2.1): no argument, CUDA only
+    assert (query is torch.is_autocast_enabled) == takes_device
+    assert not query("cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert query("cpu")
+
+
+def test_autocast_query_is_picked_once_for_new_torch(monkeypatch):
+    """torch >= 2.4 takes the device type: the query is torch's own function, no wrapper."""
+    from charadapter import hooks
+
+    def is_autocast_enabled(device_type):
+        return f"{device_type}-flag"
+
+    monkeypatch.setattr(torch, "is_autocast_enabled", is_autocast_enabled)
+    assert hooks._autocast_query() is is_autocast_enabled
 
 
 def test_autocast_query_is_picked_once_for_old_torch(monkeypatch):
     """torch < 2.4 (the WebUI's 2.1) has a no-argument, CUDA-only is_autocast_enabled."""
     from charadapter import hooks
 
-    assert hooks._autocast_query() is torch.is_autocast_enabled  # this torch takes the device type
     monkeypatch.setattr(torch, "is_autocast_enabled", lambda: "cuda-flag")
     monkeypatch.setattr(torch, "is_autocast_cpu_enabled", lambda: "cpu-flag", raising=False)
     query = hooks._autocast_query()

@@ -161,3 +161,48 @@ def test_layout_labels_name_the_winning_region(seed):
     background = torch.zeros(1, 3, 8)
     background[:, BACKGROUND] = 1.0
     assert (layout_labels(background, (2, 4)) == -1).all()
+
+
+# --- the channels-last path of the sampling loop, against the functions above ---------------------
+
+
+def _channels_last_maps(seed, images=2, regions=3, n=64, flat=()):
+    """Maps (I, N, R+1) as the fusion's canvas gives them: column 0 constant, all >= MAP_FLOOR."""
+    from charadapter.masks import MAP_FLOOR
+    gen = torch.Generator().manual_seed(seed)
+    maps = torch.rand(images, n, regions + 1, generator=gen) * 3
+    maps[..., 0] = 0.0
+    for column in flat:  # an absent phrase: exactly flat
+        maps[..., column] = 0.0
+    return maps + MAP_FLOOR
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fused_logits_are_mask_logits(seed):
+    from charadapter.masks import fused_logits, one_hot_last
+    maps = _channels_last_maps(seed, flat=(2,))
+    temperature, background = 0.1, 0.4
+    bias = torch.tensor([background / temperature, 0.0, 0.0, 0.0])
+    logits = fused_logits(maps, bias, temperature, copies=2)  # (2, I, N, R+1)
+    assert logits.shape == (2, 2, 64, 4) and torch.equal(logits[0], logits[1])
+    reference = mask_logits(maps[..., 1:].transpose(1, 2), background) / temperature  # (I, R+1, N)
+    assert torch.allclose(logits[0].transpose(1, 2), reference, atol=1e-4)
+    assert (logits[0][..., 2] == 0).all()  # the flat map gives no evidence, exactly
+    soft = torch.softmax(logits[0], dim=-1).transpose(1, 2)
+    assert torch.allclose(soft, soft_masks(maps[..., 1:].transpose(1, 2), temperature, background), atol=1e-5)
+    hard = one_hot_last(logits[0], torch.float16)
+    assert hard.dtype == torch.float16
+    assert torch.equal(hard.float().transpose(1, 2), hard_masks(maps[..., 1:].transpose(1, 2), background))
+
+
+def test_pyramid_channels_last_is_the_area_pyramid():
+    from charadapter.masks import area_pyramid, pyramid_channels_last
+    latent = (12, 10)
+    masks = torch.rand(3, 120, 4, generator=torch.Generator().manual_seed(3))  # (B, N, C)
+    got = pyramid_channels_last(masks, latent, [0, 1, 2, 3])
+    expected = area_pyramid(masks.transpose(1, 2), latent, [0, 1, 2, 3])  # (B, C, N) per grid
+    assert set(got) == set(expected) == {(12, 10), (6, 5), (3, 3), (2, 2)}
+    for hw, m in got.items():
+        assert m.shape == (3, hw[0] * hw[1], 4)
+        assert torch.allclose(m.transpose(1, 2), expected[hw], atol=1e-6), hw
+    assert got[(12, 10)] is masks

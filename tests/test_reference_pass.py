@@ -119,7 +119,7 @@ def test_the_pass_leaves_nothing_on_the_hooks_state(host, sd_model, monkeypatch)
                         lambda session, unet, layers, state: states.append(state) or original(session, unet, layers, state))
     measured_pass(sd_model, figure(256, 512), monkeypatch)
     (state,) = states
-    assert not state.maps and not state.grid_maps and not state._pending
+    assert not state.grid_maps and not state._queue and not state._targets
 
 
 def test_device_cache_is_emptied_after_the_pass(host, sd_model, monkeypatch):

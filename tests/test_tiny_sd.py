@@ -107,7 +107,9 @@ def test_tokenizer_matches_open_clip_simple_tokenizer(sd):
     ours = tokenizer(PROMPTS, truncation=False, add_special_tokens=False)["input_ids"]
     assert ours == [reference.encode(p) for p in PROMPTS]
     assert ours[0] == [320, 736, 6164]
-    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (reference.sot_token_id, reference.eot_token_id)
+    # the special tokens by name: open_clip 2.20 (the WebUI's pin) has no sot_token_id / eot_token_id
+    specials = (reference.encoder["<start_of_text>"], reference.encoder["<end_of_text>"])
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == specials
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id) == (BOS_TOKEN_ID, EOS_TOKEN_ID)
     vocab = tokenizer.get_vocab()
     assert len(vocab) == len(reference.encoder) == tiny_sd.CLIP_VOCAB_SIZE

@@ -2,6 +2,7 @@
 import os
 import sys
 import types
+import zipfile
 
 import pytest
 import torch
@@ -387,7 +388,9 @@ def test_apply_model_casts_to_the_unet_dtype_under_autocast(model, monkeypatch):
     every cond tensor go to devices.dtype_unet, and the call runs under devices.autocast()."""
     from modules import devices
     seen = []
-    model.on_apply = lambda x, t, cond: seen.append((x.dtype, t.dtype, cond["c_crossattn"][0].dtype, torch.is_autocast_enabled("cpu")))
+    # torch < 2.4 (the WebUI's 2.1): is_autocast_enabled takes no device and answers for CUDA only
+    cpu_autocast = (lambda: torch.is_autocast_enabled("cpu")) if torch.__version__ >= (2, 4) else torch.is_autocast_cpu_enabled
+    model.on_apply = lambda x, t, cond: seen.append((x.dtype, t.dtype, cond["c_crossattn"][0].dtype, cpu_autocast()))
     for name in ("dtype", "dtype_unet", "dtype_inference"):
         monkeypatch.setattr(devices, name, torch.bfloat16)
     model.apply_model(torch.zeros(1, 4, 8, 8), torch.tensor([10]), {"c_crossattn": [torch.zeros(1, 77, 4)]})
@@ -449,6 +452,14 @@ def test_safe_load_rejects_files_written_by_recent_torch(model, tmp_path):
     from modules import safe
     path = str(tmp_path / "w.bin")
     torch.save({"w": torch.zeros(2)}, path)
+    with zipfile.ZipFile(path) as z:
+        archive = z.namelist()[0].split("/")[0]
+        recent = f"{archive}/.format_version" in z.namelist()
+    if not recent:  # older torch (the WebUI's 2.1) writes no such entry: the WebUI loads its files...
+        with safe.installed():
+            assert torch.load(path, map_location="cpu", weights_only=True)["w"].shape == (2,)
+        with zipfile.ZipFile(path, "a") as z:  # ...and refuses them once the entry recent torch writes is there
+            z.writestr(f"{archive}/.format_version", b"1")
     with safe.installed():
         assert torch.load(path, map_location="cpu", weights_only=True) is None
     assert any("Error verifying pickled file" in msg for _, msg in errors.reported)

@@ -1,6 +1,6 @@
 """Which rows of a UNet call are cond / uncond, read from the rows themselves (RowCheck)."""
 
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,6 +21,9 @@ class RowCheck:
     the hires pass, give all ones). Else each row's text context is compared with the step's
     cond and uncond rows (on_cfg_denoiser); rows matching both or neither leave the plan alone.
     A call whose rows disagree with the plan gets the token sets found here and gives no maps.
+    Reading the rows back is a device sync, so a call that holds the step's whole batch in the
+    planned order (the WebUI's default, one call per step) is trusted without a look; the check
+    runs where the plan may be wrong: extra calls, and the calls of a split batch.
     """
 
     def __init__(self, unet: torch.nn.Module, layers: Sequence[Any], state: Any):
@@ -60,26 +63,26 @@ class RowCheck:
             return
         self._pending = False
         state = self.state
-        if not state.enabled or state.rows is None:
+        if not state.enabled or state.rows is None or getattr(state, "planned", False):
             return
         context = args[1] if len(args) > 1 else kwargs.get("context")
         marked = isinstance(context, torch.Tensor) and context.ndim == 3 and self._entry_tokens == context.shape[1] + 1
         rows = self._from_cond_mark(state.batch) if marked else None
         if rows is None:
             rows = self._from_context(context, state.batch)
-        if rows is None or torch.equal(rows, state.rows.cpu()):
+        if rows is None or rows == tuple(int(r) for r in state.rows):
             return
         state.rows = rows
         state.token_groups = None
         self.corrected_calls += 1
 
-    def _from_cond_mark(self, batch: Optional[int]) -> Optional[torch.Tensor]:
+    def _from_cond_mark(self, batch: Optional[int]) -> Optional[Tuple[int, ...]]:
         mark = self.unet.__dict__.get("cond_mark")
         if mark is self._before or not isinstance(mark, torch.Tensor) or mark.numel() != batch:
             return None
-        return torch.where(mark.detach().reshape(-1).float().cpu() > 0.5, COND, UNCOND).long()
+        return tuple(COND if m > 0.5 else UNCOND for m in mark.detach().reshape(-1).float().cpu().tolist())
 
-    def _from_context(self, context: Any, batch: Optional[int]) -> Optional[torch.Tensor]:
+    def _from_context(self, context: Any, batch: Optional[int]) -> Optional[Tuple[int, ...]]:
         if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[0] != batch:
             return None
         if self._cond is None or self._uncond is None:
@@ -90,7 +93,7 @@ class RowCheck:
         is_uncond, is_cond = torch.stack((is_uncond, is_cond)).cpu()  # one device sync per UNet call
         if not bool((is_uncond ^ is_cond).all()):
             return None  # a row like both (same prompt and negative) or like neither
-        return torch.where(is_uncond, UNCOND, COND).long()
+        return tuple(UNCOND if u else COND for u in is_uncond.tolist())
 
 
 def _crossattn(cond: Any) -> Optional[torch.Tensor]:

@@ -3,8 +3,9 @@
 Builds ldm's LatentDiffusion from the WebUI's configs/v1-inference.yaml (text encoder from the
 config only: the HF cache that make_hf_cache.py writes), re-initialises the layers ldm creates
 zeroed (UNet output conv, ResBlock out convs, transformer proj_out) so that every part of the UNet
-- the cross-attention the extension adds to included - actually changes the output, and saves
-the state dict as fp16 .safetensors (~2 GB).
+- the cross-attention the extension adds to included - actually changes the output, gives the text
+encoder's final LayerNorm a trained-looking affine part, and saves the state dict as fp16
+.safetensors (~2 GB).
 
     cd <webui> && HF_HOME=... HF_HUB_OFFLINE=1 python make_checkpoint.py models/Stable-diffusion/random-sd15.safetensors
 """
@@ -12,6 +13,8 @@ import os
 import sys
 
 import torch
+
+from random_weights import tame_layer_norm  # this folder: the script's own directory is on sys.path
 
 
 def build(webui_dir):
@@ -34,6 +37,8 @@ def build(webui_dir):
             module.reset_parameters()  # ldm's zero_module(): give it torch's default init back
             revived += 1
     print(f"re-initialised {revived} zeroed UNet layers", file=sys.stderr)
+    # a fresh final norm makes z.mean() rounding noise, which the Original emphasis divides by
+    tame_layer_norm(model.cond_stage_model.transformer.text_model.final_layer_norm, seed=0)
     return model
 
 

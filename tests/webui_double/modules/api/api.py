@@ -205,7 +205,8 @@ class Api:  # mirrors modules/api/api.py (Api)
     def text2imgapi(self, txt2imgreq: models.StableDiffusionTxt2ImgProcessingAPI):  # mirrors (Api.text2imgapi)
         script_runner = scripts.scripts_txt2img
         selectable_scripts, selectable_script_idx = self.get_selectable_script(txt2imgreq.script_name, script_runner)
-        populate = txt2imgreq.model_copy(update={  # Override __init__ params
+        # .copy(update=...) as the real one: pydantic 1's name, still there (deprecated) in pydantic 2
+        populate = txt2imgreq.copy(update={  # Override __init__ params
             "sampler_name": validate_sampler_name(txt2imgreq.sampler_name or txt2imgreq.sampler_index),
             "do_not_save_samples": not txt2imgreq.save_images,
             "do_not_save_grid": not txt2imgreq.save_images,
@@ -247,7 +248,7 @@ class Api:  # mirrors modules/api/api.py (Api)
             mask = decode_base64_to_image(mask)
         script_runner = scripts.scripts_img2img
         selectable_scripts, selectable_script_idx = self.get_selectable_script(img2imgreq.script_name, script_runner)
-        populate = img2imgreq.model_copy(update={  # Override __init__ params
+        populate = img2imgreq.copy(update={  # Override __init__ params
             "sampler_name": validate_sampler_name(img2imgreq.sampler_name or img2imgreq.sampler_index),
             "do_not_save_samples": not img2imgreq.save_images,
             "do_not_save_grid": not img2imgreq.save_images,

@@ -3,14 +3,20 @@
 The WebUI builds StableDiffusionTxt2ImgProcessingAPI / ...Img2Img... with PydanticModelGenerator
 from the processing classes' __init__ parameters, minus API_NOT_ALLOWED, plus a few API-only keys
 (script_name, script_args, alwayson_scripts, send_images, ...). The double does the same over its
-own processing classes, on pydantic 2 (the WebUI runs pydantic 1; only the config spelling differs).
+own processing classes. The WebUI runs pydantic 1, where generate_model is the real one line for
+line; the real function fails under pydantic 2 (`__config__` is gone: AttributeError), so there the
+double sets the same two options through model_config (the test environment of Python 3.11 has
+pydantic 2, the WebUI's own one pydantic 1: tests run under both).
 """
 import inspect
 from typing import Any, List, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+import pydantic
+from pydantic import BaseModel, Field, create_model
 
 from modules.processing import StableDiffusionProcessingImg2Img, StableDiffusionProcessingTxt2Img
+
+PYDANTIC_V1 = pydantic.VERSION.startswith("1.")
 
 API_NOT_ALLOWED = [  # mirrors modules/api/models.py (API_NOT_ALLOWED)
     "self",
@@ -50,12 +56,19 @@ class PydanticModelGenerator:  # mirrors modules/api/models.py (PydanticModelGen
             name: (_field_type(p.annotation), Field(default=None if p.default is inspect.Parameter.empty or isinstance(p.default, property) else p.default))
             for name, p in parameters.items() if name not in API_NOT_ALLOWED
         }
-        for extra in additional_fields or []:  # "exclude" (response only) is not modelled
+        # the real one names fields inflection.underscore(key) with the key as alias: the same name for
+        # the double's snake_case keys, so no alias; "exclude" (response only) is not modelled
+        for extra in additional_fields or []:
             self._fields[extra["key"]] = (extra["type"], Field(default=extra["default"]))
 
     def generate_model(self):  # mirrors (PydanticModelGenerator.generate_model)
-        return create_model(self._model_name, __config__=ConfigDict(populate_by_name=True, arbitrary_types_allowed=True),
-                            **self._fields)
+        if PYDANTIC_V1:  # the real function
+            model = create_model(self._model_name, **self._fields)
+            model.__config__.allow_population_by_field_name = True
+            model.__config__.allow_mutation = True
+            return model
+        # pydantic 2 spelling of the same options (mutation is its default there)
+        return create_model(self._model_name, __config__=pydantic.ConfigDict(populate_by_name=True), **self._fields)
 
 
 StableDiffusionTxt2ImgProcessingAPI = PydanticModelGenerator(  # mirrors modules/api/models.py
