@@ -239,33 +239,37 @@ def character_logits(logits: torch.Tensor, counts: Sequence[int], subject_column
     character's region maps, the subject maps] / temperature, whose softmax (soft) is
     character_layout's masks and whose argmax (hard) its one-hot choice: M_kj = A_k L_k[j]."""
     background = logits[..., :1]  # (..., N, 1): beta / tau
-    zero = torch.zeros_like(background)
-    subjects = [zero if c is None else logits[..., c:c + 1] for c in subject_columns]  # each (..., N, 1)
+    subjects = [None if c is None else logits[..., c:c + 1] for c in subject_columns]  # each (..., N, 1)
     if mode == "hard":  # the winning character's channels lifted above every other's
         lift = 2.0 / temperature + 1.0
-        winner = torch.cat(subjects, dim=-1).argmax(dim=-1, keepdim=True)  # (..., N, 1)
-    pairs, backgrounds = [], []
+        zero = torch.zeros_like(background) if None in subjects else None
+        winner = torch.cat([zero if s is None else s for s in subjects], dim=-1).argmax(dim=-1, keepdim=True)
+    pairs, shifts = [], []  # shifts (soft): d_k = s_k - log(e^bg + sum_j e^r_kj), each (..., N, 1)
     start = 1
     for k, count in enumerate(counts):
         if mode == "hard":
-            share = (winner == k).to(logits.dtype) * lift  # (..., N, 1)
+            share = (winner == k) * lift  # (..., N, 1)
         if count:
             regions = logits[..., start:start + count]  # (..., N, R_k)
             start += count
             if mode == "hard":
                 pairs.append(regions + share)
-                backgrounds.append(background + share)
             else:
                 norm = torch.logsumexp(torch.cat([background, regions], dim=-1), dim=-1, keepdim=True)
-                pairs.append(subjects[k] + regions - norm)
-                backgrounds.append(subjects[k] + background - norm)
-        else:  # the whole figure: L_k = [0, 1]
-            pairs.append(2.0 * share if mode == "hard" else subjects[k])
-    if mode == "hard":
-        back = torch.stack(backgrounds, dim=-1).amax(dim=-1) if backgrounds else background - 3.0 * lift
+                shift = torch.neg(norm) if subjects[k] is None else subjects[k] - norm
+                shifts.append(shift)
+                pairs.append(regions + shift)
+        elif mode == "hard":  # the whole figure: L_k = [0, 1]
+            pairs.append(2.0 * share)
+        else:
+            pairs.append(torch.zeros_like(background) if subjects[k] is None else subjects[k])
+    with_regions = any(counts)
+    if mode == "hard":  # the winner's background: every position has one winner
+        back = background + lift if with_regions else background - 3.0 * lift
+    elif with_regions:  # log sum_k e^(s_k + bg - norm_k)
+        back = background + torch.logsumexp(torch.cat(shifts, dim=-1), dim=-1, keepdim=True)
     else:
-        back = (torch.logsumexp(torch.cat(backgrounds, dim=-1), dim=-1, keepdim=True) if backgrounds
-                else torch.full_like(background, float("-inf")))
+        back = torch.full_like(background, float("-inf"))
     return torch.cat([back] + pairs, dim=-1)  # (..., N, P+1)
 
 
