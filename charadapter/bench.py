@@ -51,7 +51,10 @@ SD15 = dict(  # v1-inference.yaml's unet_config
     num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True, transformer_depth=1,
     context_dim=768, use_checkpoint=False, legacy=False, use_linear_in_transformer=False,
 )
-TINY = dict(SD15, model_channels=32, context_dim=32)  # same structure: --quick, and the op counts
+# same structure: --quick, and the op counts; 2 heads give head dims 32 and 64 at the map levels
+# (SD1.5: 80 and 160), so the map attention takes the fused kernel as at real widths
+# (attention.map_value_width; 8 heads of 8 and 16 would fall back for two characters' 9 columns)
+TINY = dict(SD15, model_channels=32, context_dim=32, num_heads=2)
 TEXT_TOKENS = 77  # one CLIP chunk
 GROUPS = ((5,), (8, 9), (12, 13))  # three region phrases' token columns in the 77-token prompt
 SWEEP_GROUPS = GROUPS + ((15,), (17, 18), (20,))  # up to six, for the operator count
