@@ -100,8 +100,8 @@ def test_two_characters_add_the_layouts_second_level_once_per_step(counts):
     """Two characters of three regions (six stacked pairs, two subject phrases): every attn2 layer
     runs the operators of three regions of one character (one batched term, one map queue), and the
     step adds only the second level of the layout (figure shares x each figure's regions), once per
-    step in the fold, whatever the number of layers. SD1.5: +75 fp32 / +76 fp16 against the 64 of
-    4 per attn2 layer; SDXL's 70 attn2 layers leave room for it."""
+    step in the fold, whatever the number of layers. SD1.5: +75 fp32 / +76 fp16, over the 64 of
+    4 per attn2 layer by those 12 per step (stated in the README, not hidden by the budget)."""
     dtype, ops = counts
     added = bench.ops_added(ops)
     print(f"\n{dtype}: two characters +{added['two_characters']}, three regions +{added['three_region_soft']}")
