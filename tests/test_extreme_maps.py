@@ -20,12 +20,12 @@ from charadapter.attention import (
     add_region_term, attention_dtype, map_dtype, region_coefficients, region_ip_delta, region_kv, text_map_values,
     text_maps,
 )
-from charadapter.fusion import FusionConfig, FusionSession, RowPlan
+from charadapter.fusion import CharacterTokens, FusionConfig, FusionSession, RowPlan
 from charadapter.hooks import RegionState
 from charadapter.layers import find_attn2_layers
 from charadapter.masks import (
-    BACKGROUND, MAP_FLOOR, fused_logits, hard_masks, mask_pyramid, one_hot_last, pyramid_channels_last, resize_masks,
-    soft_masks,
+    BACKGROUND, MAP_FLOOR, character_logits, fused_logits, hard_masks, mask_pyramid, one_hot_last,
+    pyramid_channels_last, resize_masks, soft_masks,
 )
 from tiny_unet import sd15_unet
 
@@ -397,3 +397,53 @@ def test_fusion_stays_finite_when_no_row_carries_a_phrase(unet, adapter):
         fusion.begin_step(3, plan)
         assert finite(fusion.masks)
     assert fusion.calls_with_adapter == 6
+
+
+# ---------------------------------------------------------------- several characters (issue 15)
+
+
+@pytest.mark.parametrize("mode,temperature", [("soft", 0.1), ("soft", 0.001), ("hard", 0.1), ("hard", 0.001)])
+@pytest.mark.parametrize("kind,scale", KINDS, ids=_id)
+def test_character_logits_stay_finite(kind, scale, mode, temperature):
+    """The layout's second level (figure shares x each figure's regions) on extreme region and
+    subject maps: characters with regions, a whole-figure one, one without a subject phrase."""
+    counts, subjects = [3, 0, 2], [6, 7, None]  # logit columns: background, 5 regions, 2 subject phrases
+    maps = extreme(kind, (2, 7, 64), scale)  # (I, regions + subjects, N)
+    maps = torch.cat([torch.zeros(2, 1, 64), maps], dim=1).transpose(1, 2) + MAP_FLOOR  # (I, N, 1+M)
+    bias = torch.zeros(1 + 7)
+    bias[BACKGROUND] = 0.4 / temperature
+    logits = character_logits(fused_logits(maps, bias, temperature)[0], counts, subjects, mode, temperature)
+    assert logits.shape == (2, 64, 1 + 3 + 1 + 2) and not torch.isnan(logits).any()
+    masks = torch.softmax(logits, dim=-1) if mode == "soft" else one_hot_last(logits, torch.float32)
+    assert finite(masks)
+    torch.testing.assert_close(masks.sum(dim=-1), torch.ones(2, 64))
+
+
+@pytest.mark.parametrize("mode", ["soft", "hard"])
+@pytest.mark.parametrize("kind,scale", FUSION_KINDS, ids=_id)
+def test_two_characters_stay_finite_when_the_maps_are_extreme(unet, adapter, monkeypatch, kind, scale, mode):
+    """Two characters of three regions sharing their region phrases, each found by its subject
+    phrase; every map layer reports extreme maps: the outputs and the layout stay finite."""
+    def extreme_attention(q, k, values):  # as in test_fusion_stays_finite_when_the_maps_are_extreme
+        raw = torch.zeros(q.shape[0], q.shape[1], values.shape[-3], values.shape[-1])
+        raw[:, :, 0, 1:] = extreme(kind, (q.shape[0], values.shape[-1] - 1, q.shape[1]), scale).transpose(1, 2)
+        return raw.to(q.device)
+
+    monkeypatch.setattr(hooks_module, "text_attention_raw", extreme_attention)
+    ip, tokens, negative = adapter
+    config = FusionConfig(weight=1.0, region_weights=(1.0, 0.7, 1.2), mode=mode, subject=True)
+    second = CharacterTokens(ip, tokens.flip(0), negative, config)
+    fusion = FusionSession(unet, find_attn2_layers(unet), ip, tokens, negative, config, others=[second])
+    regions = ((2, 3), (5,), (8, 9))
+    plan = _plan(regions + regions + ((1,), (10, 11)))  # both characters' regions, then their subjects
+    gen = torch.Generator().manual_seed(25)
+    x, context = torch.randn(2, 4, *LATENT, generator=gen), torch.randn(2, T_TEXT, CTX, generator=gen)
+    with fusion, torch.no_grad():
+        fusion.begin_pass(LATENT, 2)
+        for step in range(2):
+            fusion.begin_step(step, plan)
+            assert finite(unet(x, timesteps=torch.full((2,), 500.0), context=context))
+        fusion.begin_step(2, plan)
+        layout = fusion.masks
+    assert layout is not None and layout.shape == (1, 7, LATENT[0] * LATENT[1]) and finite(layout)
+    torch.testing.assert_close(layout.sum(dim=1), torch.ones(1, LATENT[0] * LATENT[1]))
