@@ -14,6 +14,13 @@ with the number of regions or tokens:
   region, 1/(H*|tokens|) on its tokens), so the attention output itself holds the maps, summed
   over heads in one reduction. Extra key rows (more tokens, e.g. a phrase's own embedding) are
   just more rows of k and of the values: nothing else changes.
+
+float16 scores past 65504 are inf, and a softmax row holding inf is NaN. Where torch's attention
+keeps the scores in float32 (CUDA's flash and memory-efficient kernels, the CPU) float16 inputs are
+safe; its unfused "math" attention stores them in the input dtype (MPS, ROCm builds without fused
+kernels). So the text maps always attend float16 q and k in float32 (`map_dtype`: a few small
+grids per step, and the map queue's one copy does the cast), and the region term does where the
+device may take the unfused path (`attention_dtype`).
 """
 
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
@@ -31,6 +38,20 @@ def ip_keys_values(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Image tokens (..., T, C_ctx) -> IP keys and values (..., T, C_inner) of one layer."""
     return F.linear(tokens, to_k_ip), F.linear(tokens, to_v_ip)
+
+
+def map_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype text maps attend in: float32 for float16 (scores past 65504), else `dtype`."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def attention_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the region term attends in on `device` for a UNet in `dtype`: float32 for float16
+    where attention may store float16 scores (every device but CUDA and the CPU, and ROCm), else
+    `dtype`. The WebUI runs the CPU in float32; torch 2.1 has no float16 attention there."""
+    if dtype != torch.float16 or device.type == "cpu" or (device.type == "cuda" and torch.version.hip is None):
+        return dtype
+    return torch.float32
 
 
 def _as_regions(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -132,15 +153,18 @@ def add_region_term(out: torch.Tensor, q: torch.Tensor, kv: RegionKV,
     out and q (B, N, C) in kv's dtype; coef (B, N, R) (any layout that views as (B*N, 1, R)) or
     None (= 1). `out` is updated in place when it can be (the host's attention output, about to
     go through to_out[0]) and returned. Operators: R == 1: attention + add; R > 1: the q copy,
-    attention, baddbmm.
+    attention, baddbmm. With float32 kv for a float16 q (`attention_dtype`): one more (the cast
+    of q, or a bmm and an add for the baddbmm).
     """
     batch, positions, width = q.shape
     heads, regions = kv.heads, kv.regions
     dim = width // heads
+    dtype = kv.keys.dtype  # float32 for a float16 q where `attention_dtype` says so
     if regions == 1:
-        qh = q.view(batch, positions, heads, dim).transpose(1, 2)  # (B, H, N, D)
+        qh = q.view(batch, positions, heads, dim).transpose(1, 2).to(dtype)  # (B, H, N, D)
     else:
-        qr = q.view(batch, positions, 1, width).expand(batch, positions, regions, width).contiguous()  # (B, N, R, C)
+        qr = torch.empty(batch, positions, regions, width, dtype=dtype, device=q.device)  # (B, N, R, C)
+        qr.copy_(q.view(batch, positions, 1, width).expand(batch, positions, regions, width))  # the copy casts
         qh = qr.view(batch, positions, regions * heads, dim).transpose(1, 2)  # (B, R*H, N, D)
     o = F.scaled_dot_product_attention(qh, kv.keys, kv.values)  # (B, R*H, N, D), stored as (B, N, R*H, D)
     o = o.transpose(1, 2).reshape(batch * positions, regions, width)  # (B*N, R, C): a view after fused kernels
@@ -149,12 +173,16 @@ def add_region_term(out: torch.Tensor, q: torch.Tensor, kv: RegionKV,
     if regions == 1:
         o = o.view(batch, positions, width)  # (B, N, C)
         if coef is None:
-            return out.add_(o)
+            return out.add_(o)  # casts in place when o is float32 and out float16
         return out.addcmul_(o, coef.reshape(batch, positions, 1))  # (B, N, 1) broadcast over C
     if coef is None:
         coef = torch.ones(1, 1, 1, dtype=o.dtype, device=o.device).expand(batch * positions, 1, regions)
+    coef = coef.reshape(batch * positions, 1, regions)  # (B*N, 1, R)
     base = out.view(batch * positions, 1, width)  # (B*N, 1, C)
-    base.baddbmm_(coef.reshape(batch * positions, 1, regions), o)  # (B*N, 1, R) @ (B*N, R, C)
+    if base.dtype == o.dtype and coef.dtype == o.dtype:
+        base.baddbmm_(coef, o)  # (B*N, 1, R) @ (B*N, R, C)
+    else:  # attended in float32 for a float16 out: one operator more
+        base.add_(torch.bmm(coef.to(o.dtype), o))
     return out
 
 
@@ -176,11 +204,12 @@ def region_ip_delta(
     batch, positions, _ = q.shape
     regions = keys.shape[0]
     _check_weights(weights, batch, regions)
-    kv = region_kv(keys.to(q.dtype), values.to(q.dtype), heads, batch, weights)
+    dtype = attention_dtype(q.dtype, q.device)
+    kv = region_kv(keys.to(dtype), values.to(dtype), heads, batch, weights)
     coef = None
     if masks is not None:
         coef = region_coefficients(masks, None, batch, regions, positions, q.device)  # (B|1, N, R)
-        coef = coef.expand(batch, positions, regions).to(q.dtype).contiguous()  # (B, N, R)
+        coef = coef.expand(batch, positions, regions).to(dtype).contiguous()  # (B, N, R)
     return add_region_term(torch.zeros_like(q), q, kv, coef)
 
 
@@ -239,7 +268,10 @@ def text_map_values(
 
 def text_attention_raw(q: torch.Tensor, k: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Text attention of q (B, N, C) over k (B, T, C) applied to `values` (B|1, H, T, Ev)
-    -> (B, N, H, Ev): per head, sum_t softmax(q k^T / sqrt(D))_t values[t]. One fused operator."""
+    -> (B, N, H, Ev): per head, sum_t softmax(q k^T / sqrt(D))_t values[t]. One fused operator,
+    in `map_dtype` (inputs already in it cost no cast)."""
+    dtype = map_dtype(q.dtype)
+    q, k, values = q.to(dtype), k.to(dtype), values.to(dtype)
     batch, positions, width = q.shape
     heads, tokens, ev = values.shape[-3:]
     dim = width // heads
@@ -262,7 +294,8 @@ def text_region_maps(
 ) -> torch.Tensor:
     """Region maps (B, R, N): mean text attention over each region phrase's tokens and heads."""
     _check_text(q, k, heads)
-    values = text_map_values(token_groups, k.shape[1], heads, q.shape[2] // heads, q.device, q.dtype, allow_empty)
+    values = text_map_values(token_groups, k.shape[1], heads, q.shape[2] // heads, q.device, map_dtype(q.dtype),
+                             allow_empty)
     return text_maps(q, k, values, len(token_groups))
 
 

@@ -2,7 +2,8 @@
 
 On an ldm UNetModel with SD1.5's real dimensions and random weights, one run measures, side by
 side and alternating within every repeat: a plain UNet step; one region (a plain IP-Adapter);
-three regions with soft masks; three with hard masks. Each region mode goes through the path
+three regions with soft masks; three with hard masks; two characters of three regions each (soft,
+their subject phrases sharing the image out between them). Each region mode goes through the path
 the WebUI runtime uses (FusionSession: install, begin_pass, begin_step with a RowPlan for the
 CFG batch of one cond and one uncond row), with random IP-Adapter weights of the real shapes.
 The timed step is `begin_step` (which folds the last step's maps into masks) plus the UNet
@@ -35,14 +36,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .cache import BoundedCache
-from .fusion import FusionConfig, FusionSession, RowPlan
+from .fusion import CharacterTokens, FusionConfig, FusionSession, RowPlan
 from .hooks import MarkedHook
 from .images import image_hash
 from .layers import find_attn2_layers
 from .phrases import bank_entry
 from .reference import SEGMENTATION_SEED, noise_latent, segment_reference
 
-MODES = ("plain", "controlnet_ip", "one_region", "three_region_soft", "three_region_hard")
+MODES = ("plain", "controlnet_ip", "one_region", "three_region_soft", "three_region_hard", "two_characters")
 OURS = MODES[2:]  # the modes that run through FusionSession
 REGION_SWEEP = (1, 3, 6)  # region counts of the operator count (soft masks; in the prompt, and phrases_<R>)
 SD15 = dict(  # v1-inference.yaml's unet_config
@@ -50,15 +51,20 @@ SD15 = dict(  # v1-inference.yaml's unet_config
     num_res_blocks=2, channel_mult=[1, 2, 4, 4], num_heads=8, use_spatial_transformer=True, transformer_depth=1,
     context_dim=768, use_checkpoint=False, legacy=False, use_linear_in_transformer=False,
 )
-TINY = dict(SD15, model_channels=32, context_dim=32)  # same structure: --quick, and the op counts
+# same structure: --quick, and the op counts; 2 heads give head dims 32 and 64 at the map levels
+# (SD1.5: 80 and 160), so the map attention takes the fused kernel as at real widths
+# (attention.map_value_width; 8 heads of 8 and 16 would fall back for two characters' 9 columns)
+TINY = dict(SD15, model_channels=32, context_dim=32, num_heads=2)
 TEXT_TOKENS = 77  # one CLIP chunk
 GROUPS = ((5,), (8, 9), (12, 13))  # three region phrases' token columns in the 77-token prompt
 SWEEP_GROUPS = GROUPS + ((15,), (17, 18), (20,))  # up to six, for the operator count
+SUBJECTS = ((2,), (22, 23))  # two characters' subject phrases: both share the three region phrases
 PHRASE_TOKENS = 2  # tokens of each region phrase located from itself (phrases_<R>: a phrase bank row pair each)
 WEIGHT = 0.8
 SEGMENTATION_T = 650
 GOALS = dict(three_region_soft_ratio=1.05, one_region_ratio=1.02, three_vs_one_region=1.02,
-             ops_added_per_attn2_layer=4.0, projections_recomputed=0, peak_mem_ratio=1.05, cache_hit_vs_step=0.01)
+             ops_added_per_attn2_layer=4.0, projections_recomputed=0, peak_mem_ratio=1.05, cache_hit_vs_step=0.01,
+             two_characters_vs_three_regions=1.03)
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -155,6 +161,7 @@ class Adapter:
                         torch.randn(l.inner_dim, context_dim, generator=gen) * scale) for l in layers]
         self.region_tokens = torch.randn(len(SWEEP_GROUPS), tokens, context_dim, generator=gen)  # (R_max, T, C_ctx)
         self.negative = torch.randn(tokens, context_dim, generator=gen)  # (T, C_ctx)
+        self.second_tokens = torch.randn(len(GROUPS), tokens, context_dim, generator=gen)  # character 2, same adapter
         # the regions' phrases, as the host's text encoder would give them when the prompt names none
         self.phrase_bank = torch.randn(len(SWEEP_GROUPS) * PHRASE_TOKENS, context_dim, generator=gen)  # (P, C_ctx)
 
@@ -165,6 +172,11 @@ class Adapter:
         if mode == "one_region":
             config = FusionConfig(weight=WEIGHT, region_weights=())
             tokens = self.region_tokens[:1]
+        elif mode == "two_characters":
+            config = FusionConfig(weight=WEIGHT, region_weights=(1.0,) * len(GROUPS), subject=True)
+            second = CharacterTokens(self.layers, self.second_tokens, self.negative, config)
+            return FusionSession(unet, layers, self.layers, self.region_tokens[:len(GROUPS)], self.negative, config,
+                                 others=[second])
         else:
             regions = mode_regions(mode)
             config = FusionConfig(weight=WEIGHT, region_weights=(1.0,) * regions,
@@ -189,10 +201,20 @@ def phrase_groups(regions: int) -> Tuple[Tuple[int, ...], ...]:
     return tuple(tuple(bank_entry(r * PHRASE_TOKENS + i) for i in range(PHRASE_TOKENS)) for r in range(regions))
 
 
-def cfg_plan(images: int = 1, regions: int = 3, from_phrase: bool = False) -> RowPlan:
+def plan_for(mode: str) -> RowPlan:
+    """A mode's plan; two characters map their (shared) region phrases twice, then their subjects."""
+    if mode == "two_characters":
+        return cfg_plan(groups=GROUPS + GROUPS + SUBJECTS)
+    return cfg_plan(regions=mode_regions(mode), from_phrase=mode.startswith("phrases_"))
+
+
+def cfg_plan(images: int = 1, regions: int = 3, from_phrase: bool = False,
+             groups: Optional[Sequence[Sequence[int]]] = None) -> RowPlan:
     """The WebUI's CFG batch: cond rows of every image, then uncond rows; the regions' phrases in
-    the prompt, or (`from_phrase`) in a phrase bank."""
-    groups = phrase_groups(regions) if from_phrase else SWEEP_GROUPS[:regions]
+    the prompt, or (`from_phrase`) in a phrase bank, or the given `groups`."""
+    if groups is None:
+        groups = phrase_groups(regions) if from_phrase else SWEEP_GROUPS[:regions]
+    groups = tuple(tuple(g) for g in groups)
     return RowPlan(is_cond=(True,) * images + (False,) * images, image=tuple(range(images)) * 2,
                    token_groups=(groups,) * images + (None,) * images)
 
@@ -270,8 +292,7 @@ class Runner:
         self.x = torch.randn(2, 4, latent, latent, generator=gen).to(device)
         self.t = torch.full((2,), 500.0, device=device)
         self.context = torch.randn(2, TEXT_TOKENS, context_dim, generator=gen).to(device)  # cond, uncond
-        self.plans = {mode: cfg_plan(regions=mode_regions(mode), from_phrase=mode.startswith("phrases_"))
-                      for mode in modes}
+        self.plans = {mode: plan_for(mode) for mode in modes}
         self.sessions = {mode: adapter.session(unet, layers, mode) for mode in modes}
         self.controlnet = ControlNetStyleIP(layers, adapter, WEIGHT, self.plans[modes[0]].is_cond, device)
         self.steps = Counter()
@@ -609,6 +630,7 @@ def measure_size(runner: Runner, repeats: int, plan: Optional[Callable[[float], 
         result[f"three_vs_one_region_{kind}"] = paired(f"three_region_{kind}", "one_region")
     for mode in OURS:  # ours against what sd-webui-controlnet users run, same repeat
         result[f"{mode}_vs_controlnet_ip"] = paired(mode, "controlnet_ip")
+    result["two_characters_vs_three_regions"] = paired("two_characters", "three_region_soft")
     result["hook_ms"] = {mode: round(_median(hook_ms[mode]), 3) for mode in MODES[1:]}
     result["in_step_ratios"] = {mode: round(_median(in_step[mode]), 4) for mode in MODES[1:]}
     result["repeats"] = len(times["plain"])
@@ -767,7 +789,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     plain_mb, soft_mb = head["peak_mem_plain_mb"], head["peak_mem_soft_mb"]
     three_vs_one = max(head["three_vs_one_region_soft"], head["three_vs_one_region_hard"])
     added = None if ops is None else ops_added(ops)
-    ours_added = None if added is None else max(v for m, v in added.items() if m != "controlnet_ip")
+    # the region modes' budget; two characters add their layout's second level once per step (reported apart)
+    ours_added = None if added is None else max(v for m, v in added.items() if m not in ("controlnet_ip", "two_characters"))
     report = {
         "plain_ms": head["plain_ms"],
         "controlnet_ip_ratio": head["controlnet_ip_ratio"],
@@ -776,6 +799,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "three_region_hard_ratio": head["three_region_hard_ratio"],
         "three_vs_one_region_soft": head["three_vs_one_region_soft"],
         "three_vs_one_region_hard": head["three_vs_one_region_hard"],
+        "two_characters_ratio": head["two_characters_ratio"],
+        "two_characters_vs_three_regions": head["two_characters_vs_three_regions"],
         "one_region_vs_controlnet_ip": head["one_region_vs_controlnet_ip"],
         "three_region_soft_vs_controlnet_ip": head["three_region_soft_vs_controlnet_ip"],
         "in_step_ratios": head["in_step_ratios"],
@@ -834,6 +859,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         "ops_added_per_attn2_layer": (report["aten_ops_added_per_attn2_layer"] is not None
                                       and report["aten_ops_added_per_attn2_layer"] <= GOALS["ops_added_per_attn2_layer"]),
         "ops_do_not_grow_with_regions": added is not None and len({added[f"regions_{r}"] for r in REGION_SWEEP[1:]}) == 1,
+        # two characters x three regions against one character's three, each step against itself
+        "in_step_two_characters_vs_three_regions": head["in_step_ratios"]["two_characters"]
+        <= GOALS["two_characters_vs_three_regions"] * head["in_step_ratios"]["three_region_soft"],
     }
     print(json.dumps(report), flush=True)
     return report

@@ -288,12 +288,12 @@ def detect_encoder(sd: Mapping[str, torch.Tensor], source: str = "state dict") -
 
 
 def _build_empty(config: Any) -> torch.nn.Module:
-    """CLIPVisionModelWithProjection with uninitialised fp32 CPU storage (skips the random init)."""
+    """CLIPVisionModelWithProjection on the meta device (no storage, no random init): `_fill`
+    gives each tensor its fp32 CPU storage."""
     from transformers import CLIPVisionModelWithProjection
 
     with torch.device("meta"):
-        model = CLIPVisionModelWithProjection(config)
-    return model.to_empty(device=torch.device("cpu")).float()
+        return CLIPVisionModelWithProjection(config)
 
 
 def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str) -> None:
@@ -318,19 +318,30 @@ def check_state_dict(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], sou
 
 
 def _fill(model: torch.nn.Module, sd: Dict[str, torch.Tensor], source: str) -> None:
-    """Copy every tensor into the model (popping to free memory) and rebuild position_ids."""
-    targets = model.state_dict(keep_vars=True)
+    """Give every parameter and buffer of the meta-device model fp32 CPU storage from `sd`, popping
+    each file tensor as it goes (the file's fp16 copy shrinks while the model grows: peak = the fp32
+    model, not both), and rebuild position_ids."""
     with torch.no_grad():
-        for k in list(sd):
-            targets[k].copy_(sd.pop(k))  # casts fp16 / bf16 files to the model's fp32
-        loaded = set(targets) - {POSITION_IDS}
-        for name, buf in model.named_buffers():
-            if name.endswith("position_ids"):
-                buf.copy_(torch.arange(buf.shape[-1], dtype=buf.dtype).expand_as(buf))  # (1, S): 0..S-1
-            elif name not in loaded:
-                raise CheckpointError(
-                    f"{source}: buffer {name} is neither in the file nor rebuilt here "
-                    "(unsupported transformers version?)")
+        for name, module in model.named_modules():
+            prefix = f"{name}." if name else ""
+            for attr, param in list(module.named_parameters(recurse=False)):
+                module._parameters[attr] = torch.nn.Parameter(_fp32(sd.pop(prefix + attr)), requires_grad=False)
+            for attr, buf in list(module.named_buffers(recurse=False)):
+                key = prefix + attr
+                if attr == "position_ids":
+                    module._buffers[attr] = torch.arange(buf.shape[-1]).expand(buf.shape).contiguous()  # (1, S): 0..S-1
+                elif key in sd:
+                    module._buffers[attr] = _fp32(sd.pop(key))
+                else:
+                    raise CheckpointError(
+                        f"{source}: buffer {key} is neither in the file nor rebuilt here "
+                        "(unsupported transformers version?)")
+    sd.pop(POSITION_IDS, None)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous fp32 CPU tensor of its own (a fp32 file tensor is kept, not copied)."""
+    return t.to(device="cpu", dtype=torch.float32).contiguous()
 
 
 def _folder_files(path: str, config: Any) -> Tuple[str, Any]:

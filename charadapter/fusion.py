@@ -6,12 +6,18 @@ the map layers. This controller turns one step's maps into the next step's masks
 hard), tells the hooks which rows of each UNet call are cond / uncond and which image they
 belong to, and applies the user's start/end window.
 
+Several characters are (character, region) pairs over the same machinery: their tokens are
+stacked into one set of P = sum_k max(R_k, 1) pairs (`owner` says whose each is), the text maps
+hold every character's region phrases and then, with two or more characters, each one's subject
+phrase, and masks.character_logits turns them into one layout of P pairs
+(masks.character_layout's numbers).
+
 Glossary for shapes: B rows of one UNet call, N = h*w positions, T tokens, C channels,
-R regions, I images of the generation batch.
+R regions, P (character, region) pairs, K characters, I images of the generation batch.
 """
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,7 +27,10 @@ from .errors import CharacterAdapterError
 from .geometry import Size, downsampled_hw, interpolation_matrix
 from .hooks import HookSession, RegionState, plan_region_hooks, plain_math
 from .layers import DEFAULT_MAP_LEVELS, AttnLayer, map_layers
-from .masks import BACKGROUND, MAP_FLOOR, fused_logits, one_hot_last, pyramid_channels_last, resize_masks
+from .masks import (
+    BACKGROUND, MAP_FLOOR, character_logits, character_prior_last, fused_logits, one_hot_last, pair_count,
+    pyramid_channels_last, resize_masks,
+)
 
 COND, UNCOND = 0, 1  # token sets in RegionState.kv: reference tokens, negative tokens
 
@@ -38,14 +47,41 @@ class FusionConfig:
     temperature: float = 0.1
     background: float = 0.4
     map_levels: Tuple[int, ...] = DEFAULT_MAP_LEVELS  # UNet levels whose text maps give the soft labels
+    subject: bool = False  # with several characters: a subject phrase's map finds this character's figure
 
     @property
     def global_only(self) -> bool:
         return len(self.region_weights) == 0
 
 
-# per region: the key columns its map averages, prompt positions (>= 0) or phrase-bank rows
-# (< 0, charadapter.phrases); () = not located
+SHARED_SETTINGS = ("mode", "temperature", "background", "map_levels")  # one value for all characters
+
+
+class CharacterTokens(NamedTuple):
+    """One character of a FusionSession: its adapter's (to_k_ip, to_v_ip) per layer, its tokens, its settings."""
+
+    ip_weights: Sequence[Tuple[torch.Tensor, torch.Tensor]]
+    region_tokens: torch.Tensor  # (max(R, 1), T, C_ctx)
+    negative_tokens: torch.Tensor  # (T, C_ctx)
+    config: FusionConfig
+
+
+def repeat_tokens(tokens: torch.Tensor, tokens_wanted: int, dim: int) -> torch.Tensor:
+    """Each of T tokens repeated k = tokens_wanted / T times along `dim`: the softmax over the copies
+    gives each original token its probability split k ways, so the attention output is unchanged
+    (how characters with 4- and 16-token adapters share one batched term)."""
+    have = tokens.shape[dim]
+    if have == tokens_wanted:
+        return tokens
+    if tokens_wanted % have:
+        raise CharacterAdapterError(
+            f"image tokens: adapters with {have} and {tokens_wanted} tokens cannot share one term "
+            f"({tokens_wanted} is not a multiple of {have})")
+    return tokens.repeat_interleave(tokens_wanted // have, dim=dim)
+
+
+# per map column (a region's or a subject's phrase): the key columns its map averages, prompt
+# positions (>= 0) or phrase-bank rows (< 0, charadapter.phrases); () = not located
 TokenGroups = Tuple[Tuple[int, ...], ...]
 
 
@@ -123,6 +159,11 @@ class _Canvas:
 class FusionSession:
     """Per-generation state plus its hooks: `install()` all or nothing, `remove()` in finally.
 
+    The first (or only) character comes as (ip_weights, region_tokens, negative_tokens, config);
+    further characters as `others`, whose configs must agree with `config` on SHARED_SETTINGS.
+    The map columns of every row's token groups are the characters' region phrases in order,
+    then (two or more characters) one subject phrase per character whose config has `subject`.
+
     The host calls `begin_pass` at each sampling start (the hires pass too) and `begin_step`
     before every denoiser call; the rows of each UNet call are matched to the step's plan in
     call order, which is how the WebUI's CFG denoiser splits its batch (cond rows first).
@@ -144,27 +185,42 @@ class FusionSession:
         region_tokens: torch.Tensor,
         negative_tokens: torch.Tensor,
         config: FusionConfig,
+        others: Sequence[CharacterTokens] = (),
         phrase_bank: Optional[torch.Tensor] = None,
     ):
-        regions = 1 if config.global_only else len(config.region_weights)
-        if region_tokens.ndim != 3 or region_tokens.shape[0] != regions:
-            raise CharacterAdapterError(
-                f"region tokens: expected ({regions}, T, C), got {tuple(region_tokens.shape)}"
-            )
-        if tuple(negative_tokens.shape) != tuple(region_tokens.shape[1:]):
-            raise CharacterAdapterError(
-                f"negative tokens {tuple(negative_tokens.shape)} do not match region tokens "
-                f"{tuple(region_tokens.shape[1:])}"
-            )
+        characters = [CharacterTokens(ip_weights, region_tokens, negative_tokens, config)] + list(others)
+        for index, character in enumerate(characters):
+            _check_character(index, character, characters[0])
         self.unet = unet
         self.layers = list(layers)
         self.config = config
-        self.regions = regions
+        self.characters = tuple(c.config for c in characters)
+        self.counts = tuple(len(c.region_weights) for c in self.characters)  # R_k; 0 = the whole figure
+        self.pairs = pair_count(self.counts)  # P
+        self.owner = tuple(k for k, count in enumerate(self.counts) for _ in range(max(count, 1)))  # (P,)
+        self.global_only = len(characters) == 1 and config.global_only
+        # map columns: every character's region phrases, then each one's subject phrase (two or more characters)
+        self.subject_columns: Tuple[Optional[int], ...] = (None,) * len(characters)
+        if len(characters) > 1:
+            subjects = [k for k, c in enumerate(self.characters) if c.subject]
+            self.subject_columns = tuple(
+                sum(self.counts) + subjects.index(k) if k in subjects else None for k in range(len(characters)))
+        self.map_columns = sum(self.counts) + sum(c is not None for c in self.subject_columns)
+        self.regions = self.pairs  # channels of the layout after the background
         self.levels = sorted({layer.level for layer in self.layers})
-        sets = torch.stack([region_tokens, negative_tokens.expand_as(region_tokens)], dim=1)  # (R, 2, T, C_ctx)
-        kv = [ip_keys_values(sets, wk.to(sets.dtype), wv.to(sets.dtype)) for wk, wv in ip_weights]
-        self._weights = torch.tensor(config.region_weights or (1.0,), dtype=torch.float32) * config.weight
-        chosen = [] if config.global_only else map_layers(self.layers, config.map_levels)
+        tokens = max(c.region_tokens.shape[1] for c in characters)
+        kv = None
+        for character in characters:  # one stacked (P, 2, T, C_inner) set per layer: one batched term
+            cond = repeat_tokens(character.region_tokens, tokens, dim=1)  # (R_k, T, C_ctx)
+            negative = repeat_tokens(character.negative_tokens, tokens, dim=0)  # (T, C_ctx)
+            sets = torch.stack([cond, negative.expand_as(cond)], dim=1)  # (R_k, 2, T, C_ctx)
+            part = [ip_keys_values(sets, wk.to(sets.dtype), wv.to(sets.dtype)) for wk, wv in character.ip_weights]
+            kv = part if kv is None else [(torch.cat([k0, k1]), torch.cat([v0, v1]))
+                                          for (k0, v0), (k1, v1) in zip(kv, part)]
+        weights = [torch.tensor(c.region_weights or (1.0,), dtype=torch.float32) * c.weight for c in self.characters]
+        self._weights = weights[0] if len(weights) == 1 else torch.cat(weights)  # (P,): w_k * w_kj
+        self._active: Tuple[bool, ...] = (True,) * len(characters)  # characters in their window this step
+        chosen = [] if self.global_only else map_layers(self.layers, config.map_levels)
         self._map_levels = sorted({layer.level for layer in chosen})
         self.state = RegionState(
             kv=kv,
@@ -174,7 +230,7 @@ class FusionSession:
             after_call=self._after_call,
             map_target=self._map_target,
             enabled=False,
-            bank=phrase_bank,  # (P, C_ctx): rows the plan's token groups name with entries < 0
+            bank=phrase_bank,  # (phrases, C_ctx): rows the plan's token groups name with entries < 0
         )
         self._session: Optional[HookSession] = None
         self.latent_hw: Optional[Size] = None
@@ -246,7 +302,7 @@ class FusionSession:
             session.remove()
 
     def set_phrase_bank(self, embeddings: Optional[torch.Tensor]) -> None:
-        """The phrase bank (P, C_ctx) whose rows token groups name with entries < 0 (charadapter.phrases)."""
+        """The phrase bank (phrases, C_ctx) whose rows token groups name with entries < 0 (charadapter.phrases)."""
         self.state.bank = embeddings
         self.state.forget_bank_keys()
 
@@ -284,17 +340,25 @@ class FusionSession:
         """Before a denoiser call: fold the last step's maps into mask logits, restart the row count."""
         if self.latent_hw is None:
             raise CharacterAdapterError("begin_step before begin_pass: the latent size is unknown")
+        if not self.global_only:
+            for groups in plan.token_groups:
+                if groups and len(groups) != self.map_columns:  # () = a row that gives no maps
+                    raise CharacterAdapterError(
+                        f"row plan: {len(groups)} token groups per row, the session maps {self.map_columns} "
+                        f"phrases (region phrases, then subject phrases)")
         self._fold_maps(plan)
         self.step = int(step)
         self.plan = plan
         self._cursor = 0
+        fraction = self.step / self.total_steps
+        self._active = tuple(c.weight > 0 and c.start <= fraction < c.end for c in self.characters)
 
     def fix_layout(self, layout: Optional[torch.Tensor]) -> None:
         """Hold the layout at `layout` (I, R+1, N_latent), background first (the `masks` form),
         instead of the image's own maps, until called with None (after `begin_pass`). For
         measurements: the even-split prior frozen (no dynamics), or known masks (the ceiling)."""
         if layout is not None:
-            if self.config.global_only:
+            if self.global_only:
                 raise CharacterAdapterError("fix_layout: a global session (no regions) has no layout")
             if self.latent_hw is None:
                 raise CharacterAdapterError("fix_layout before begin_pass: the latent size is unknown")
@@ -309,15 +373,17 @@ class FusionSession:
 
     @property
     def in_window(self) -> bool:
-        """The adapter applies at this step (the user's start/end fractions)."""
+        """Some character's term applies at this step (its start/end fractions)."""
         fraction = self.step / self.total_steps
-        return self.config.weight > 0 and self.config.start <= fraction < self.config.end
+        return any(c.weight > 0 and c.start <= fraction < c.end for c in self.characters)
 
     @property
     def collecting(self) -> bool:
-        """Maps are still needed: some step at or after this one is in the window."""
-        return (self.config.weight > 0 and not self.config.global_only and self._fixed is None
-                and self.step / self.total_steps < self.config.end)
+        """Maps are still needed: some step at or after this one is in a character's window (and
+        the layout is not held by fix_layout)."""
+        fraction = self.step / self.total_steps
+        return (self._fixed is None and not self.global_only
+                and any(c.weight > 0 and fraction < c.end for c in self.characters))
 
     # ---- masks -------------------------------------------------------------------------
 
@@ -334,8 +400,12 @@ class FusionSession:
             bias = self._constant("bias", canvas.maps.device)
             with plain_math(canvas.maps.device):  # float32 throughout
                 maps = canvas.on_latent()  # (I, N, R+1)
-                logits = fused_logits(maps, bias, self.config.temperature, copies or 1)  # (S, I, N, R+1)
-            self._logits = logits.view(-1, *maps.shape[1:])  # (S*I, N, R+1)
+                logits = fused_logits(maps, bias, self.config.temperature, copies or 1)  # (S, I, N, 1+columns)
+                if len(self.characters) > 1:  # the two levels: figure shares, then each figure's regions
+                    subjects = [None if c is None else c + 1 for c in self.subject_columns]  # after the background
+                    logits = character_logits(logits, self.counts, subjects, self.config.mode,
+                                              self.config.temperature)  # (S, I, N, P+1)
+            self._logits = logits.view(-1, *logits.shape[2:])  # (S*I, N, P+1)
             self._logits_rows = tuple(plan.image) if copies else tuple(range(images))
             self._prior = None
             self._coef = {}
@@ -350,8 +420,8 @@ class FusionSession:
         key = (name, device)
         found = self._constants.get(key)
         if found is None:
-            if name == "bias":  # background logit / temperature, then the regions' 0
-                value = torch.zeros(self.regions + 1)
+            if name == "bias":  # background logit / temperature, then every map column's 0
+                value = torch.zeros(self.map_columns + 1)
                 value[BACKGROUND] = self.config.background / self.config.temperature
             elif name == "channels":
                 value = torch.arange(self.regions + 1)
@@ -364,7 +434,7 @@ class FusionSession:
         """Masks (B_plan, N, R+1) per layer grid for every row of the step's plan, in `dtype`
         (built at the step's first call that adds the term, then only sliced)."""
         assert self.plan is not None and self.latent_hw is not None
-        key = (self.plan.image, device, dtype)
+        key = (self.plan.image, device, dtype, self._active)
         found = self._coef.get(key)
         if found is None:
             with plain_math(device):
@@ -376,16 +446,15 @@ class FusionSession:
         rows = len(self.plan.image)
         positions = self.latent_hw[0] * self.latent_hw[1]
         shape = (rows, positions, self.regions + 1)
-        if self._fixed is not None:  # fix_layout's masks, as given (no softmax, no one-hot)
-            masks = self._fixed.to(device)[list(self.plan.image)].to(dtype)  # (B, N, R+1)
-            return pyramid_channels_last(masks, self.latent_hw, self.levels)
         if self._logits is not None and self._logits_rows == self.plan.image:
             source = self._logits  # logits of exactly these rows
         elif self._logits is not None:
             source = self._logits[[self._logits_rows.index(i) for i in self.plan.image]]  # (B, N, R+1)
         else:
             source = None
-        if source is not None and self.config.mode == "hard":
+        if self._fixed is not None:  # fix_layout's masks, as given (no softmax, no one-hot)
+            masks = self._fixed.to(device)[list(self.plan.image)].to(dtype)  # (B, N, R+1)
+        elif source is not None and self.config.mode == "hard":
             masks = one_hot_last(source, dtype, self._constant("channels", device))
         elif source is not None:
             masks = torch.softmax(source, dim=-1)
@@ -395,14 +464,28 @@ class FusionSession:
             masks.copy_(self._prior.to(device)[list(self.plan.image)])
         else:  # even split before any map: 1/R for every region, built once per shape
             masks = self._uniform(shape, device, dtype)
+        if not all(self._active):  # a character outside its window this step: its pairs add nothing
+            masks = masks * self._active_channels(device, dtype)
         return pyramid_channels_last(masks, self.latent_hw, self.levels)
+
+    def _active_channels(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """(P+1,) 1 for the background and the pairs of characters in their window, else 0."""
+        key = ("active", self._active, device, dtype)
+        found = self._constants.get(key)
+        if found is None:
+            values = [1.0] + [float(self._active[k]) for k in self.owner]
+            found = self._constants[key] = torch.tensor(values, dtype=dtype, device=device)
+        return found
 
     def _uniform(self, shape: Tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         key = ("uniform", shape, device, dtype)
         found = self._constants.get(key)
         if found is None:
-            found = torch.full(shape, 1.0 / self.regions, dtype=dtype, device=device)
-            found[..., BACKGROUND] = 0.0
+            if len(self.characters) > 1:  # each character 1/K, shared evenly among its pairs
+                found = character_prior_last(self.counts, shape, device, dtype)
+            else:
+                found = torch.full(shape, 1.0 / self.regions, dtype=dtype, device=device)
+                found[..., BACKGROUND] = 0.0
             self._constants[key] = found
         return found
 
@@ -427,7 +510,7 @@ class FusionSession:
         assert self.plan is not None and self.latent_hw is not None
         if canvas is None or canvas.images != self.plan.images or canvas.maps.device != device:
             grids = [downsampled_hw(self.latent_hw, level) for level in self._map_levels]
-            canvas = self._canvas = _Canvas(grids, self.latent_hw, self.plan.images, self.regions + 1, device)
+            canvas = self._canvas = _Canvas(grids, self.latent_hw, self.plan.images, self.map_columns + 1, device)
         return canvas
 
     # ---- hook callbacks ----------------------------------------------------------------
@@ -456,7 +539,7 @@ class FusionSession:
         # in the window: the term; before it: maps only
         state.add_term = self.in_window
         state.coef = None
-        if state.add_term and not self.config.global_only:
+        if state.add_term and not self.global_only:
             state.coef = _CallMasks(self, start, rows)
         state.token_groups = state.map_rows = state.row_groups = None
         self._map_picks = []
@@ -464,7 +547,7 @@ class FusionSession:
         if self.collecting and local:
             # maps of the cond rows that have columns, computed over the run of rows that spans them;
             # rows of the run without columns (none in the common layouts) give zero maps, unused
-            empty = ((),) * self.regions
+            empty = ((),) * self.map_columns
             groups = tuple(plan.token_groups[self._call_rows[i]] or empty for i in range(local[0], local[-1] + 1))
             state.token_groups = groups[0]
             state.row_groups = groups if len(set(groups)) > 1 else None  # rows with other prompts
@@ -520,3 +603,26 @@ def _copies(plan: RowPlan) -> int:
     if images and rows % images == 0 and tuple(plan.image) == tuple(range(images)) * (rows // images):
         return rows // images
     return 0
+
+
+def _check_character(index: int, character: CharacterTokens, first_character: CharacterTokens) -> None:
+    """Shapes of one character's tokens, and the settings all characters share."""
+    first = first_character.config
+    config, tokens, negative = character.config, character.region_tokens, character.negative_tokens
+    label = f"character {index + 1}: " if index else ""
+    regions = 1 if config.global_only else len(config.region_weights)
+    if tokens.ndim != 3 or tokens.shape[0] != regions:
+        raise CharacterAdapterError(f"{label}region tokens: expected ({regions}, T, C), got {tuple(tokens.shape)}")
+    if tuple(negative.shape) != tuple(tokens.shape[1:]):
+        raise CharacterAdapterError(
+            f"{label}negative tokens {tuple(negative.shape)} do not match region tokens {tuple(tokens.shape[1:])}")
+    width = first_character.region_tokens.shape[-1]
+    if tokens.shape[-1] != width or len(character.ip_weights) != len(first_character.ip_weights):
+        raise CharacterAdapterError(
+            f"{label}tokens of width {tokens.shape[-1]} for {len(character.ip_weights)} layers; character 1 has "
+            f"{width} for {len(first_character.ip_weights)}: one model family per generation")
+    for name in SHARED_SETTINGS:
+        if getattr(config, name) != getattr(first, name):
+            raise CharacterAdapterError(
+                f"{label}{name} {getattr(config, name)!r} differs from character 1's {getattr(first, name)!r}: "
+                f"all characters share it")

@@ -33,7 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import RegionKV, add_region_term, region_coefficients, region_kv, text_attention_raw, text_map_values
+from .attention import (
+    RegionKV, add_region_term, attention_dtype, map_dtype, region_coefficients, region_kv, text_attention_raw,
+    text_map_values,
+)
 from .errors import CharacterAdapterError, GeometryError
 from .geometry import Size, check_grid, downsampled_hw
 from .layers import AttnLayer
@@ -172,8 +175,9 @@ class RegionState:
     row of the current UNet call) picks each row's token set. `kv` and `weights` are fixed for the
     life of the state (the weights are folded into the cached values): make a new state when they
     change. The masks come either from `coef(grid, device, dtype)`, ready for the call's rows
-    ((B, N, R) in the UNet's dtype: the fast path, built once per step by charadapter.fusion), or
-    as `masks` ((B|1, R, N) per grid, see masks.mask_pyramid), converted per call; neither: M = 1.
+    ((B, N, R) in the region term's `attention_dtype`: the fast path, built once per step by
+    charadapter.fusion), or as `masks` ((B|1, R, N) per grid, see masks.mask_pyramid), converted
+    per call; neither: M = 1.
     Text maps of the rows `map_rows` are summed per grid over the map layers: into the views
     `map_target(grid, rows)` returns, or else into `grid_maps`. Each map row averages the key
     columns `token_groups` names, or its own entry of `row_groups` when the rows differ.
@@ -316,18 +320,24 @@ class RegionState:
         pieces = [t if t.ndim == 1 else t.reshape(-1) for items in groups.values() for t in
                   [q for q, _ in items] + [p for _, keys in items for p in keys]]
         del queue
-        flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # every q and k, one copy
+        first = pieces[0]
+        dtype = map_dtype(first.dtype)  # float16 attends in float32 (scores past 65504): the copy casts
+        if dtype == first.dtype:
+            flat = first if len(pieces) == 1 else torch.cat(pieces)  # every q and k, one copy
+        else:
+            flat = torch.empty(sum(p.numel() for p in pieces), dtype=dtype, device=first.device)
+            torch.cat(pieces, out=flat)
         del pieces
         regions = len(self.token_groups)
         offset = 0
-        for (hw, heads, q_shape, tokens, prompt_tokens, dtype, device), items in groups.items():
+        for (hw, heads, q_shape, tokens, prompt_tokens, _, device), items in groups.items():
             layers = len(items)
             rows, positions, width = q_shape
             size_q, size_k = layers * rows * positions * width, layers * rows * tokens * width
             q = flat[offset:offset + size_q].view(layers * rows, positions, width)  # (L*B_map, N, C)
             k = flat[offset + size_q:offset + size_q + size_k].view(layers * rows, tokens, width)  # (L*B_map, T, C)
             offset += size_q + size_k
-            values = self.map_values(tokens, heads, width // heads, device, dtype, prompt_tokens,
+            values = self.map_values(tokens, heads, width // heads, device, flat.dtype, prompt_tokens,
                                      layers * rows)  # (H, T, Ev), or per row (L*B_map, H, T, Ev)
             with plain_math(device):
                 raw = text_attention_raw(q, k, values)  # (L*B_map, N, H, Ev)
@@ -389,7 +399,8 @@ class RegionState:
         return tuple(rows)
 
     def layer_kv(self, index: int, batch: int, heads: int, device: torch.device, dtype: torch.dtype) -> RegionKV:
-        """Keys and values of layer `index` for the rows of this call, weights folded in (cached)."""
+        """Keys and values of layer `index` for the rows of this call in `attention_dtype`, weights
+        folded in (cached)."""
         rows = self._rows_for(batch)
         key = (index, rows, batch, device, dtype)
         found = self._kv.get(key)
@@ -406,6 +417,7 @@ class RegionState:
             weights = self.weights
             if isinstance(weights, torch.Tensor) and weights.ndim == 2 and weights.shape[0] != batch:
                 raise GeometryError(f"weights {tuple(weights.shape)} for a UNet call of B={batch} rows")
+            dtype = attention_dtype(dtype, device)  # float32 for float16 where attention may score in float16
             found = region_kv(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype), heads, batch,
                               None if weights is None else weights.to(device))
             self._kv[key] = found
@@ -587,7 +599,7 @@ class _LayerHooks:
         if not state.add_term:
             return None
         kv = state.layer_kv(layer.index, batch, layer.heads, q.device, q.dtype)
-        coef = state.coefficients(hw, batch, positions, kv.regions, q.device, q.dtype)
+        coef = state.coefficients(hw, batch, positions, kv.regions, q.device, kv.keys.dtype)  # masks in kv's dtype
         return q, kv, coef
 
 

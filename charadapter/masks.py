@@ -8,9 +8,14 @@ region order. Over the channel axis they sum to 1 at every position.
 The functions below define the masks; the sampling loop (charadapter.fusion) computes the same
 numbers channels-last, (B, N, R+1), in a handful of operators per step (`fused_logits`,
 `one_hot_last`, `pyramid_channels_last`), and tests hold the two equal.
+
+Several characters (`character_layout`): K characters with R_k regions each give P = sum_k
+max(R_k, 1) (character, region) pairs, character by character; their masks (B, P+1, N) keep the
+same convention (background first, then the pairs in order, summing to 1). Channels-last, the
+sampling loop turns fused_logits' columns into the pairs' logits with `character_logits`.
 """
 
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +68,97 @@ def uniform_masks(batch: int, regions: int, positions: int, device: Optional[tor
     masks = torch.full((batch, regions + 1, positions), 1.0 / regions, device=device)
     masks[:, BACKGROUND] = 0.0
     return masks
+
+
+def pair_count(regions: Sequence[int]) -> int:
+    """(character, region) pairs of characters with R_k regions each; R_k = 0 is one whole-figure pair."""
+    return sum(max(int(r), 1) for r in regions)
+
+
+def figure_shares(subject_maps: torch.Tensor, mode: str, temperature: float) -> torch.Tensor:
+    """Each character's share of every position (B, K, N) from its subject phrase's map (B, K, N):
+    softmax over the characters of the normalised maps / temperature (soft), or one-hot argmax (hard).
+    A character without a map (all zeros) only wins where no other character's map rises above 0."""
+    _check_maps(subject_maps)
+    logits = normalize_maps(subject_maps)  # (B, K, N) in [0, 1]
+    if mode == "hard":
+        winner = logits.argmax(dim=1, keepdim=True)  # (B, 1, N); ties go to the lower character
+        return torch.zeros_like(logits).scatter_(1, winner, 1.0)
+    return torch.softmax(logits / temperature, dim=1)
+
+
+def region_layout(maps: torch.Tensor, mode: str, temperature: float, background_logit: float) -> torch.Tensor:
+    """One character's layout (B, R+1, N) of its region maps (B, R, N): `soft_masks` or `hard_masks`."""
+    if mode == "hard":
+        return hard_masks(maps, background_logit)
+    return soft_masks(maps, temperature, background_logit)
+
+
+def character_layout(
+    subject_maps: Optional[torch.Tensor], region_maps: Optional[torch.Tensor], regions: Sequence[int],
+    mode: str, temperature: float, background_logit: float,
+) -> torch.Tensor:
+    """Masks (B, P+1, N) of every (character, region) pair: M_kj = A_k * L_k[j], background sum_k A_k * L_k[0].
+
+    `regions` (K,): R_k region maps of character k, consecutive in `region_maps` (B, sum R_k, N);
+    R_k = 0 is one pair over the character's whole figure (L_k = [0, 1]). L_k is the
+    single-character layout of character k's own maps (`region_layout`); A_k (B, K, N) are the
+    figure shares of `subject_maps` (`figure_shares`), or an even split when None. With one
+    character A = 1 and the result is L_1 itself, bit for bit.
+    """
+    if mode not in ("soft", "hard"):
+        raise ValueError(f"mode must be 'soft' or 'hard', got {mode!r}")
+    if mode == "soft" and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    counts = [int(r) for r in regions]
+    if not counts or min(counts) < 0:
+        raise GeometryError(f"expected region counts >= 0 for at least one character, got {counts}")
+    maps_needed = sum(counts)
+    if maps_needed and (region_maps is None or region_maps.ndim != 3 or region_maps.shape[1] != maps_needed):
+        raise GeometryError(f"region maps: expected (B, {maps_needed}, N) for region counts {counts}, got "
+                            f"{None if region_maps is None else tuple(region_maps.shape)}")
+    if len(counts) == 1 and counts[0]:
+        return region_layout(region_maps, mode, temperature, background_logit)  # A_1 = 1: the single layout
+    reference = region_maps if maps_needed else subject_maps
+    if reference is None:
+        raise GeometryError("a layout of whole-figure characters needs their subject maps")
+    batch, positions = reference.shape[0], reference.shape[2]
+    shares = None
+    if len(counts) > 1:
+        if subject_maps is not None:
+            if tuple(subject_maps.shape) != (batch, len(counts), positions):
+                raise GeometryError(f"subject maps: expected ({batch}, {len(counts)}, {positions}), "
+                                    f"got {tuple(subject_maps.shape)}")
+            shares = figure_shares(subject_maps, mode, temperature)  # (B, K, N)
+        else:
+            shares = torch.full((batch, len(counts), positions), 1.0 / len(counts), device=reference.device)
+    background = None
+    pairs: List[torch.Tensor] = []
+    start = 0
+    for k, count in enumerate(counts):
+        if count:
+            layout = region_layout(region_maps[:, start:start + count], mode, temperature, background_logit)
+            start += count
+        else:  # the whole figure: no background inside it
+            layout = torch.cat([torch.zeros(batch, 1, positions, device=reference.device),
+                                torch.ones(batch, 1, positions, device=reference.device)], dim=1)  # (B, 2, N)
+        if shares is not None:
+            layout = layout * shares[:, k:k + 1]  # (B, R_k+1, N) * (B, 1, N)
+        background = layout[:, :1] if background is None else background + layout[:, :1]
+        pairs.append(layout[:, 1:])
+    return torch.cat([background] + pairs, dim=1)  # (B, P+1, N)
+
+
+def character_prior(regions: Sequence[int], batch: int, positions: int,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
+    """Even split before any map (B, P+1, N): each character 1/K, shared evenly among its pairs;
+    background 0. One character: `uniform_masks`."""
+    counts = [max(int(r), 1) for r in regions]
+    if len(counts) == 1:
+        return uniform_masks(batch, counts[0], positions, device=device)
+    values = [0.0] + [1.0 / (len(counts) * c) for c in counts for _ in range(c)]
+    prior = torch.tensor(values, dtype=torch.float32, device=device)  # (P+1,)
+    return prior.view(1, -1, 1).expand(batch, -1, positions).contiguous()  # (B, P+1, N)
 
 
 def layout_labels(layout: torch.Tensor, hw: Size) -> torch.Tensor:
@@ -135,6 +231,54 @@ def one_hot_last(logits: torch.Tensor, dtype: torch.dtype, channels: Optional[to
     if channels is None:
         channels = torch.arange(logits.shape[-1], device=logits.device)
     return torch.eq(winner, channels, out=torch.empty(logits.shape, dtype=dtype, device=logits.device))
+
+
+def character_logits(logits: torch.Tensor, counts: Sequence[int], subject_columns: Sequence[Optional[int]],
+                     mode: str, temperature: float) -> torch.Tensor:
+    """Pair logits (..., N, P+1) from fused_logits' columns (..., N, 1+M) = [background, every
+    character's region maps, the subject maps] / temperature, whose softmax (soft) is
+    character_layout's masks and whose argmax (hard) its one-hot choice: M_kj = A_k L_k[j]."""
+    background = logits[..., :1]  # (..., N, 1): beta / tau
+    subjects = [None if c is None else logits[..., c:c + 1] for c in subject_columns]  # each (..., N, 1)
+    if mode == "hard":  # the winning character's channels lifted above every other's
+        lift = 2.0 / temperature + 1.0
+        zero = torch.zeros_like(background) if None in subjects else None
+        winner = torch.cat([zero if s is None else s for s in subjects], dim=-1).argmax(dim=-1, keepdim=True)
+    pairs, shifts = [], []  # shifts (soft): d_k = s_k - log(e^bg + sum_j e^r_kj), each (..., N, 1)
+    start = 1
+    for k, count in enumerate(counts):
+        if mode == "hard":
+            share = (winner == k) * lift  # (..., N, 1)
+        if count:
+            regions = logits[..., start:start + count]  # (..., N, R_k)
+            start += count
+            if mode == "hard":
+                pairs.append(regions + share)
+            else:
+                norm = torch.logsumexp(torch.cat([background, regions], dim=-1), dim=-1, keepdim=True)
+                shift = torch.neg(norm) if subjects[k] is None else subjects[k] - norm
+                shifts.append(shift)
+                pairs.append(regions + shift)
+        elif mode == "hard":  # the whole figure: L_k = [0, 1]
+            pairs.append(2.0 * share)
+        else:
+            pairs.append(torch.zeros_like(background) if subjects[k] is None else subjects[k])
+    with_regions = any(counts)
+    if mode == "hard":  # the winner's background: every position has one winner
+        back = background + lift if with_regions else background - 3.0 * lift
+    elif with_regions:  # log sum_k e^(s_k + bg - norm_k)
+        back = background + torch.logsumexp(torch.cat(shifts, dim=-1), dim=-1, keepdim=True)
+    else:
+        back = torch.full_like(background, float("-inf"))
+    return torch.cat([back] + pairs, dim=-1)  # (..., N, P+1)
+
+
+def character_prior_last(regions: Sequence[int], shape: Tuple[int, ...], device: Optional[torch.device] = None,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """`character_prior` channels-last: (B, N, P+1) for shape (B, N, P+1)."""
+    counts = [max(int(r), 1) for r in regions]
+    values = [0.0] + [1.0 / (len(counts) * c) for c in counts for _ in range(c)]
+    return torch.tensor(values, dtype=dtype, device=device).expand(shape).contiguous()  # (B, N, P+1)
 
 
 def pyramid_channels_last(masks: torch.Tensor, latent_hw: Size, levels: Iterable[int]) -> Dict[Size, torch.Tensor]:

@@ -1,6 +1,7 @@
 """Show-masks pictures: region labels of a grid tinted over an image (host-free, PIL)."""
 
-from typing import Optional, Sequence, Tuple
+import colorsys
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -38,14 +39,28 @@ def mask_overlay(image: Image.Image, labels: np.ndarray,
     return out
 
 
-def layout_overlay(image: Image.Image, labels: np.ndarray, paste_to: Optional[Sequence[int]]) -> Image.Image:
+def pair_colors(regions: Sequence[int]) -> List[Tuple[int, int, int]]:
+    """Colours of the (character, region) pairs of characters with R_k regions (0: one whole-figure
+    pair): one hue per character (PALETTE), its regions in shades of it, lightest first."""
+    colors = []
+    for k, count in enumerate(regions):
+        hue, saturation, _ = colorsys.rgb_to_hsv(*(c / 255.0 for c in PALETTE[k % len(PALETTE)]))
+        count = max(int(count), 1)
+        for j in range(count):
+            value = 1.0 - 0.55 * j / max(count - 1, 1) if count > 1 else 0.9
+            colors.append(tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue, saturation, value)))
+    return colors
+
+
+def layout_overlay(image: Image.Image, labels: np.ndarray, paste_to: Optional[Sequence[int]],
+                   colors: Optional[Sequence[Tuple[int, int, int]]] = None) -> Image.Image:
     """Layout labels (h, w) over a generated image, or over the box (x, y, w, h) an "only masked"
     inpaint pasted its sampled crop into."""
     if not paste_to:
-        return mask_overlay(image, labels)
+        return mask_overlay(image, labels, colors=colors)
     x, y, w, h = (int(v) for v in paste_to)
     out = image.convert("RGB")
-    out.paste(mask_overlay(out.crop((x, y, x + w, y + h)), labels), (x, y))
+    out.paste(mask_overlay(out.crop((x, y, x + w, y + h)), labels, colors=colors), (x, y))
     return out
 
 

@@ -156,8 +156,9 @@ def test_odd_formats_are_converted_not_refused(name):
 
 
 def ui_args(**overrides):
-    base = Params(enabled=True, image=Image.new("RGB", (40, 40)), model="m")
-    return replace(base, **overrides).to_args()
+    values = dict(enabled=True, image=Image.new("RGB", (40, 40)), model="m")
+    values.update(overrides)
+    return Params.single(**values).to_args()
 
 
 BAD_SETTINGS = {
@@ -295,7 +296,7 @@ def script_args(script, **overrides):
     values = dict(enabled=True, image=reference_image(), model="tiny-adapter")
     values.update(overrides)
     full = [0] * script.args_to
-    full[script.args_from:script.args_to] = Params(**values).to_args()
+    full[script.args_from:script.args_to] = Params.single(**values).to_args()
     return tuple(full)
 
 

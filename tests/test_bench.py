@@ -19,7 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 KEYS = ("plain_ms", "controlnet_ip_ratio", "one_region_ratio", "three_region_soft_ratio", "three_region_hard_ratio",
         "three_vs_one_region_soft", "three_vs_one_region_hard", "one_region_vs_controlnet_ip",
-        "three_region_soft_vs_controlnet_ip", "in_step_ratios", "hook_ms", "projections_recomputed",
+        "three_region_soft_vs_controlnet_ip", "two_characters_ratio",
+        "two_characters_vs_three_regions", "in_step_ratios", "hook_ms", "projections_recomputed",
         "peak_mem_ratio", "segmentation_ms", "segmentation_cache_hit_ms", "cache_hit_vs_step", "aten_ops_per_step",
         "aten_ops_added", "aten_ops_added_per_attn2_layer", "gflop_per_step", "device", "dtype", "sizes", "goals_met")
 
@@ -63,6 +64,10 @@ def test_numbers_are_sane(report):
     ops, flops, added = result["aten_ops_per_step"], result["gflop_per_step"], result["aten_ops_added"]
     assert ops["plain"] < ops["one_region"] < ops["three_region_soft"] < ops["controlnet_ip"]
     assert flops["plain"] < flops["one_region"] < flops["three_region_soft"]
+    assert flops["three_region_soft"] < flops["two_characters"]
+    assert "in_step_two_characters_vs_three_regions" in result["goals_met"]
+    # two characters: the same per-layer operators as three regions, plus the layout's second level once per step
+    assert added["two_characters"] - added["three_region_soft"] == 12
     assert added["regions_3"] == added["regions_6"] == added["three_region_soft"]
     assert result["aten_ops_added_per_attn2_layer"] <= 4.0 and result["goals_met"]["ops_added_per_attn2_layer"]
     assert result["goals_met"]["ops_do_not_grow_with_regions"] is True

@@ -4,9 +4,10 @@ import json
 import math
 
 import pytest
+from dataclasses import replace
 from PIL import Image
 
-from charadapter.params import ARG_NAMES, MAX_REGIONS, UI_DEFAULT_ARGS, ParamError, Params, Region
+from charadapter.params import ARG_NAMES, ARG_NAMES_ONE, MAX_REGIONS, UI_DEFAULT_ARGS, ParamError, Params, Region
 
 
 def png(size=(8, 6), colour=(200, 30, 30)):
@@ -26,7 +27,7 @@ def api(**kwargs):
 
 def test_defaults_name_three_regions():
     params = Params()
-    assert [r.reference_phrase for r in params.regions] == ["face", "upper body", "lower body"]
+    assert [r.reference_phrase for r in params.first.regions] == ["face", "upper body", "lower body"]
     assert params.timestep == 650 and params.fusion == "soft" and params.crop == "strip"
 
 
@@ -36,7 +37,9 @@ def test_positional_round_trip():
         {"reference_phrase": "red jacket", "phrase": "jacket", "weight": 1.5},
     ]))
     args = params.to_args()
-    assert len(args) == len(ARG_NAMES) == 13 + 3 * MAX_REGIONS
+    assert len(args) == len(ARG_NAMES) == 13 + 3 * MAX_REGIONS + 1 + 2 * (7 + 3 * MAX_REGIONS)  # three tabs
+    assert len(ARG_NAMES_ONE) == 25  # what a single-character panel sent: still its start
+    assert Params.from_args(args[:25]) == params
     assert Params.from_args(args) == params
 
 
@@ -46,15 +49,15 @@ def test_empty_slots_are_skipped_and_phrase_defaults_to_reference():
     args[names.index("region2_reference_phrase")] = ""
     args[names.index("region3_phrase")] = "  "
     params = Params.from_args(args)
-    assert [(r.reference_phrase, r.phrase) for r in params.regions] == [
+    assert [(r.reference_phrase, r.phrase) for r in params.first.regions] == [
         ("face", "face"), ("lower body", "lower body")]
 
 
 def test_no_regions_means_global_adapter():
     params = Params.from_dict(api(regions=[]))
-    assert params.regions == ()
+    assert params.first.regions == ()
     args = params.to_args()
-    assert Params.from_args(args).regions == ()
+    assert Params.from_args(args).first.regions == ()
 
 
 def test_single_dict_arg_is_the_api_form():
@@ -67,35 +70,35 @@ def test_dict_in_the_first_slot_ignores_the_ui_defaults_after_it():
     """The WebUI API fills every slot with the UI defaults, then puts args[i] at args_from + i."""
     args = [api(weight=0.3, regions=[])] + list(UI_DEFAULT_ARGS[1:])
     params = Params.from_args(args)
-    assert params.weight == 0.3 and params.regions == ()
-    assert params.image.size == (8, 6) and params.image.mode == "RGB"
+    assert params.first.weight == 0.3 and params.first.regions == ()
+    assert params.first.image.size == (8, 6) and params.first.image.mode == "RGB"
 
 
 def test_short_positional_list_keeps_the_ui_defaults():
     params = Params.from_args([True, PNG, "ip-adapter_sd15.safetensors", "", 0.5])
-    assert params.enabled and params.model == "ip-adapter_sd15.safetensors" and params.weight == 0.5
-    assert params.regions == Params().regions and params.timestep == Params().timestep
+    assert params.enabled and params.first.model == "ip-adapter_sd15.safetensors" and params.first.weight == 0.5
+    assert params.first.regions == Params().first.regions and params.timestep == Params().timestep
     assert len(UI_DEFAULT_ARGS) == len(ARG_NAMES)
 
 
 def test_base64_with_and_without_data_url_prefix_decode_alike():
-    plain = Params.from_dict(api(image=PNG)).image
-    url = Params.from_dict(api(image="data:image/png;base64," + PNG)).image
-    wrapped = Params.from_dict(api(image="\n".join(PNG[i:i + 20] for i in range(0, len(PNG), 20)))).image
+    plain = Params.from_dict(api(image=PNG)).first.image
+    url = Params.from_dict(api(image="data:image/png;base64," + PNG)).first.image
+    wrapped = Params.from_dict(api(image="\n".join(PNG[i:i + 20] for i in range(0, len(PNG), 20)))).first.image
     assert plain.tobytes() == url.tobytes() == wrapped.tobytes()
     assert plain.getpixel((0, 0)) == (200, 30, 30)
 
 
 def test_image_is_decoded_only_when_enabled():
-    assert Params.from_dict({"enabled": False, "image": "not an image"}).image == "not an image"
+    assert Params.from_dict({"enabled": False, "image": "not an image"}).first.image == "not an image"
 
 
 def test_overrides_replace_settings_and_region_weights_in_order():
     params = Params.from_dict(api())
     cell = params.with_overrides({"weight": 0.0, "fusion": "hard", "region_weights": (0.5, 1.0, 0.0)})
-    assert cell.weight == 0.0 and cell.fusion == "hard"
-    assert [r.weight for r in cell.regions] == [0.5, 1.0, 0.0]
-    assert [r.reference_phrase for r in cell.regions] == [r.reference_phrase for r in params.regions]
+    assert cell.first.weight == 0.0 and cell.fusion == "hard"
+    assert [r.weight for r in cell.first.regions] == [0.5, 1.0, 0.0]
+    assert [r.reference_phrase for r in cell.first.regions] == [r.reference_phrase for r in params.first.regions]
     assert params.with_overrides({}) is params
 
 
@@ -124,7 +127,7 @@ def test_infotext_round_trip_through_strings():
     info = {k: str(v) for k, v in params.to_infotext("abc123").items()}
     assert info["Character-Adapter reference"] == "abc123"
     back = Params.from_infotext(info)
-    assert back == Params(**{**params.__dict__, "image": None})
+    assert back == Params(**{**params.__dict__, "characters": (replace(params.first, image=None),)})
 
 
 def test_infotext_without_our_keys_is_none():
@@ -191,8 +194,8 @@ def test_malformed_api_input_names_its_field(override, field):
 
 
 def test_too_many_positional_values_is_an_error():
-    with pytest.raises(ParamError, match="expected at most 25 positional values"):
-        Params.from_args(list(UI_DEFAULT_ARGS) + [1])
+    with pytest.raises(ParamError, match="expected at most 159 positional values"):
+        Params.from_args(Params().to_args(8) + [1])
 
 
 def test_image_required_only_when_enabled():
@@ -202,12 +205,12 @@ def test_image_required_only_when_enabled():
 
 
 def test_regions_json_in_infotext_keeps_commas_and_quotes():
-    params = Params(regions=(Region('a "quoted", phrase', "x", 1.0),)).validated()
+    params = Params.single(regions=(Region('a "quoted", phrase', "x", 1.0),)).validated()
     encoded = params.to_infotext("h")["Character-Adapter regions"]
     assert json.loads(encoded) == [['a "quoted", phrase', "x", 1.0]]
-    assert not math.isnan(params.weight)
+    assert not math.isnan(params.first.weight)
 
 
 def test_auto_encoder_means_the_matching_one():
-    assert Params.from_dict(api(encoder="Auto")).encoder == ""
-    assert Params.from_dict(api(encoder="clip_h.pth")).encoder == "clip_h.pth"
+    assert Params.from_dict(api(encoder="Auto")).first.encoder == ""
+    assert Params.from_dict(api(encoder="clip_h.pth")).first.encoder == "clip_h.pth"

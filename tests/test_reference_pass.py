@@ -71,8 +71,10 @@ def figure(width, height):
     return canvas
 
 
-def params():
-    return Params(enabled=True, image=reference_image(), model="tiny-adapter").validated()
+def pass_args():
+    """The pass's settings of the panel's defaults: the first character's reference phrases, the timestep."""
+    params = Params.single(enabled=True, image=reference_image(), model="tiny-adapter").validated()
+    return [r.reference_phrase for r in params.first.regions], params.timestep
 
 
 def measured_pass(sd_model, image, monkeypatch, area=BUDGET):
@@ -83,7 +85,7 @@ def measured_pass(sd_model, image, monkeypatch, area=BUDGET):
     handle = unet.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[-2] * args[0].shape[-1]))
     try:
         with LiveTensorBytes() as probe:
-            result = ca_reference_pass.segment(sd_model, image, params())
+            result = ca_reference_pass.segment(sd_model, image, *pass_args())
             after = probe.current
     finally:
         handle.remove()
@@ -123,7 +125,7 @@ def test_the_pass_leaves_nothing_on_the_hooks_state(host, sd_model, monkeypatch)
 def test_device_cache_is_emptied_after_the_pass(host, sd_model, monkeypatch):
     calls = []
     monkeypatch.setattr(devices, "torch_gc", lambda: calls.append("gc"))
-    ca_reference_pass.segment(sd_model, reference_image(), params())
+    ca_reference_pass.segment(sd_model, reference_image(), *pass_args())
     assert calls == ["gc"]
 
 

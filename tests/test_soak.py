@@ -140,7 +140,7 @@ def test_fifty_generations_leave_nothing_and_stay_bounded(soak_host, sd_model):
         p = processing.StableDiffusionProcessingTxt2Img(**txt2img)
         p.scripts = runner
         full = [0] * script.args_to
-        full[script.args_from:script.args_to] = Params(**params).to_args()
+        full[script.args_from:script.args_to] = Params.single(**params).to_args()
         p.script_args = tuple(full)
         made = []
         ca_controller.Generation = lambda *a, **k: _track(made, real_generation(*a, **k))

@@ -1,7 +1,7 @@
 """The HTTP API in the WebUI double: /sdapi/v1/txt2img|img2img with alwayson_scripts, and our model route.
 
 The double's modules/api mirrors v1.10.1's Api.init_script_args: the request's args are copied over
-the UI defaults from args_from on, so the script always receives all 25 values.
+the UI defaults from args_from on, so the script always receives all 64 values (three character tabs).
 """
 
 import base64
@@ -72,7 +72,7 @@ def test_dict_arrives_first_among_ui_defaults_and_equals_the_ui_form(client, hos
     response = txt2img(client, [{"image": b64_png(reference_image()), "model": ADAPTER_NAME}])
     assert response.status_code == 200, response.text
     args = seen[0]
-    assert len(args) == len(ARG_NAMES) == 25
+    assert len(args) == len(ARG_NAMES) == 64
     ui_defaults = client.api.default_script_arg_txt2img[script.args_from:script.args_to]
     assert isinstance(args[0], dict) and list(args[1:]) == ui_defaults[1:]
     info = json.loads(response.json()["info"])
@@ -94,7 +94,7 @@ def test_short_positional_list_keeps_ui_defaults_and_data_url_works(client, monk
     as_dict = txt2img(client, [{"image": image, "model": ADAPTER_NAME}])
     plain = txt2img(client, [])
     assert short.status_code == as_dict.status_code == plain.status_code == 200, short.text
-    assert len(seen[0]) == 25 and seen[0][:3] == (True, image, ADAPTER_NAME)
+    assert len(seen[0]) == 64 and seen[0][:3] == (True, image, ADAPTER_NAME)
     assert torch.equal(decoded(short), decoded(as_dict))
     assert not torch.equal(decoded(short), decoded(plain))
     assert "Character-Adapter" not in json.loads(plain.json()["info"])["infotexts"][0]

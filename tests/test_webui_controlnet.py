@@ -22,8 +22,9 @@ from charadapter.webui import caches as ca_caches
 from charadapter.images import load_image
 from charadapter.adapter import RegionEncoder
 from charadapter.layers import find_attn2_layers
-from controlnet_double import ControlNetDouble, mark_prompt_context
-from modules import scripts
+from controlnet_double import ControlNetDouble, PoseControl, mark_prompt_context, openpose_hint
+from charadapter.params import Character, Params
+from modules import processing, scripts
 
 ORDERS = ("controlnet_first", "ours_first")
 
@@ -31,9 +32,9 @@ ORDERS = ("controlnet_first", "ours_first")
 class ControlNetStandIn(scripts.Script):
     """An AlwaysOn script doing to the model what ControlNet does with one unit enabled."""
 
-    def __init__(self, order, ip_term=None):
+    def __init__(self, order, ip_term=None, control=None):
         super().__init__()
-        self.order, self.ip_term = order, ip_term
+        self.order, self.ip_term, self.control = order, ip_term, control
         self.cn = ControlNetDouble()
         self.seen = {}
 
@@ -45,18 +46,20 @@ class ControlNetStandIn(scripts.Script):
 
     def process(self, p, *args):
         if self.order == "controlnet_first":
-            self.cn.hook(p, p.sd_model.model.diffusion_model, self.ip_term)
+            self.cn.hook(p, p.sd_model.model.diffusion_model, self.ip_term, self.control)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         if self.order == "ours_first":
             mark_prompt_context(kwargs["c"], positive=True)  # what its p.sample wrapper does, in place
             mark_prompt_context(kwargs["uc"], positive=False)
-            self.cn.hook(p, p.sd_model.model.diffusion_model, self.ip_term)
+            self.cn.hook(p, p.sd_model.model.diffusion_model, self.ip_term, self.control)
 
     def post_sample(self, p, ps, *args):
         unet = p.sd_model.model.diffusion_model
         attn = find_attn2_layers(unet)[0].module
+        gen = self.ours.hooks.controller.generation if getattr(self, "ours", None) else None
         self.seen = dict(our_hooks=ours(unet), unet_forward=unet.__dict__.get("forward"),
+                         characters=gen.fusion.counts if gen is not None and gen.fusion is not None else None,
                          cn_forward=self.cn_forward(unet), attn_forward=attn.__dict__.get("forward"))
 
     @staticmethod
@@ -70,9 +73,10 @@ class ControlNetStandIn(scripts.Script):
                          [layer.module.__dict__.get("forward") for layer in find_attn2_layers(unet)])
 
 
-def with_controlnet(runner, script, order, ip_term=None):
+def with_controlnet(runner, script, order, ip_term=None, control=None):
     """Put the stand-in into the runner before (ControlNet first) or after our script."""
-    stand_in = ControlNetStandIn(order, ip_term)
+    stand_in = ControlNetStandIn(order, ip_term, control)
+    stand_in.ours = script
     stand_in.args_from = stand_in.args_to = len(runner.inputs)  # no UI controls
     stand_in.alwayson = True
     position = runner.alwayson_scripts.index(script) + (0 if order == "controlnet_first" else 1)
@@ -159,3 +163,49 @@ def test_plain_ip_adapter_mode_agrees_with_controlnets_ip_adapter(host, sd_model
     difference = (pixels(ours_global) - pixels(cn_global)).abs().max().item()
     effect = (pixels(ours_global) - pixels(nothing)).abs().max().item()
     assert difference <= 2 and effect > 20, (difference, effect)
+
+
+def second_reference():
+    from PIL import Image
+
+    img = Image.new("RGB", (72, 96), (40, 40, 60))
+    img.paste((250, 220, 200), (24, 4, 48, 28))
+    img.paste((160, 160, 170), (10, 28, 62, 64))
+    img.paste((90, 60, 30), (18, 64, 54, 94))
+    return img
+
+
+def two_characters(runner, script, enabled=True):
+    """A girl (left) and a knight (right): one reference each, the regions as the panel's defaults."""
+    params = Params(enabled=enabled, characters=(
+        Character(image=reference_image(), model="tiny-adapter", subject="girl"),
+        Character(image=second_reference(), model="tiny-adapter", subject="knight", weight=1.0, unit=2)))
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt="a girl on the left and a knight on the right, face, upper body, lower body", negative_prompt="",
+        batch_size=1, steps=3, width=64, height=64, sampler_name="Euler", seed=7)
+    p.scripts = runner
+    full = [0] * script.args_to
+    full[script.args_from:script.args_to] = params.to_args()
+    p.script_args = tuple(full)
+    return processing.process_images(p)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_two_figures_posed_by_openpose_with_two_references(host, sd_model, order):
+    """An OpenPose unit with two skeletons poses the picture; two characters, one reference each,
+    keep who is who. Both extensions apply; afterwards each has removed only its own changes."""
+    runner, script = host
+    unet = sd_model.model.diffusion_model
+    pose = PoseControl(openpose_hint(64, [(0.27, 0.9), (0.73, 0.8)]), weight=1.0, seed=5)
+    ours_alone = two_characters(runner, script)
+    stand_in = with_controlnet(runner, script, order, control=pose)
+    pose_alone = two_characters(runner, script, enabled=False)
+    both = two_characters(runner, script)
+    seen = stand_in.seen
+    assert seen["our_hooks"] > 0 and seen["cn_forward"] is not None and seen["characters"] == (3, 3)
+    assert not torch.equal(pixels(both), pixels(pose_alone))  # the characters apply under the posed UNet
+    assert not torch.equal(pixels(both), pixels(ours_alone))  # the pose applies beside our hooks
+    assert not torch.equal(pixels(pose_alone), pixels(plain(runner, script, steps=3)))  # the unit does something
+    assert ours(unet) == 0 and unet.__dict__.get("forward") is stand_in.restored[0]  # what ControlNet restored
+    remove(runner, stand_in)
+    assert torch.equal(pixels(two_characters(runner, script)), pixels(ours_alone))

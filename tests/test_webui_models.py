@@ -243,7 +243,7 @@ def test_listed_names_pass_params_validation(tree, tmp_path):
     assert "a b c.safetensors" in listing.adapters
     for name in list(listing.adapters) + list(listing.encoders):
         assert "/" not in name and "\\" not in name and not name.startswith(".")
-        assert Params(model=name, encoder=name).validated().model == name
+        assert Params.single(model=name, encoder=name).validated().first.model == name
 
 
 # ---------------------------------------------------------------- picking the encoder

@@ -10,7 +10,7 @@ import gradio as gr
 import pytest
 from gradio.blocks import postprocess_update_dict
 
-from charadapter.params import ARG_NAMES, INFOTEXT_PREFIX, Params, Region
+from charadapter.params import ARG_NAMES, INFOTEXT_PREFIX, Character, Params, Region, arg_names
 from charadapter.webui import ui
 from charadapter.webui.models import ModelListing
 
@@ -137,7 +137,7 @@ def test_elem_ids_unique_and_prefixed_across_both_tabs():
     assert len(ours) == len(ids)  # nothing unprefixed, no gradio defaults left over
     assert "charadapter_txt2img_accordion" in ids and "charadapter_img2img_refresh" in ids
     rows = [b for b in demo.blocks.values() if "charadapter-region-row" in (getattr(b, "elem_classes", None) or [])]
-    assert len(rows) == 8
+    assert len(rows) == 2 * 3 * 4  # two WebUI tabs, three character tabs, four region rows each
 
 
 def test_encoder_dropdown_shows_auto_for_empty():
@@ -160,12 +160,15 @@ def test_refresh_button_rescans_and_updates_both_dropdowns():
     assert button.value == "\U0001f504" and "tool" in button.elem_classes
     index, dep = next((i, d) for i, d in enumerate(demo.dependencies) if button._id in d["targets"])
     assert dep["trigger"] == "click" and dep["inputs"] == []
-    assert dep["outputs"] == [c["model"]._id, c["encoder"]._id]
-    model_update, encoder_update = demo.fns[index].fn()
-    assert calls["refresh"] == 1
-    assert model_update["choices"] == ["new.safetensors"] and "value" not in model_update
-    assert encoder_update["choices"] == ["Auto", "clip_g.pth"]
-    assert c["model"].choices == ["new.safetensors"] and c["encoder"].choices == ["Auto", "clip_g.pth"]
+    pairs = [(c[f"{prefix}model"], c[f"{prefix}encoder"]) for prefix in ("", "character2_", "character3_")]
+    assert dep["outputs"] == [d._id for pair in pairs for d in pair]  # every tab's lists
+    updates = demo.fns[index].fn()
+    assert calls["refresh"] == 1 and len(updates) == 6
+    for model_update, encoder_update in zip(updates[::2], updates[1::2]):
+        assert model_update["choices"] == ["new.safetensors"] and "value" not in model_update
+        assert encoder_update["choices"] == ["Auto", "clip_g.pth"]
+    for model, encoder in pairs:
+        assert model.choices == ["new.safetensors"] and encoder.choices == ["Auto", "clip_g.pth"]
 
 
 # ---------------------------------------------------------------- infotext
@@ -202,13 +205,19 @@ def _paste(fields, text):
 
 
 def _after_paste(comps, values):
-    return [comp.value if v is None else v for comp, v in zip(comps, values)]
+    """The components' values after a paste: None leaves one as it is, gr.update(value=...) sets it."""
+    def value(comp, v):
+        if isinstance(v, dict):  # gradio 3.41's gr.update(...)
+            return v["value"] if "value" in v else comp.value
+        return comp.value if v is None else v
+
+    return [value(comp, v) for comp, v in zip(comps, values)]
 
 
 def test_infotext_round_trip():
     _, (comps,), _ = build()
     fields = ui.infotext_fields(comps)
-    original = Params(
+    original = Params.single(
         enabled=True, model="ip-adapter-plus_sd15.safetensors", encoder="", weight=1.15, start=0.1, end=0.85,
         fusion="hard", temperature=0.35, background=0.25, timestep=500, crop="box",
         regions=(Region("hat", "red hat", 1.2), Region("face", "face", 0.9), Region("jeans, torn", "jeans", 0.5)),
@@ -224,7 +233,7 @@ def test_infotext_round_trip():
 
 def test_infotext_with_named_encoder_and_one_region():
     _, (comps,), _ = build("img2img")
-    original = Params(enabled=True, model="m.safetensors", encoder="clip_h.pth", regions=(Region("face", "her face", 1.0),)).validated()
+    original = Params.single(enabled=True, model="m.safetensors", encoder="clip_h.pth", regions=(Region("face", "her face", 1.0),)).validated()
     values = _paste(ui.infotext_fields(comps), _infotext(original.to_infotext("abc")))
     assert Params.from_args(_after_paste(comps, values)) == original
 
@@ -270,3 +279,48 @@ def test_paste_keys_work_as_webui_paste_fields():
     for comp, key in ui.infotext_fields(comps):
         field = PasteField(comp, key)  # modules/infotext_utils.py add_paste_fields wraps every pair
         assert field.function is key and field.label == str(key) and field.component is comp
+
+
+# ---------------------------------------------------------------- character tabs
+
+
+def test_one_tab_is_the_single_character_panel_and_more_tabs_are_named():
+    with gr.Blocks() as demo:
+        one = ui.build_ui(False, lambda: LISTING, refresh_fn=lambda: LISTING, units=1)
+    assert len(one) == 26 and not [b for b in demo.blocks.values() if isinstance(b, gr.Tabs)]
+    assert Params.from_args([c.value for c in one]) == Params()
+    with gr.Blocks() as demo:
+        four = ui.build_ui(False, lambda: LISTING, refresh_fn=lambda: LISTING, units=4)
+    assert len(four) == 26 + 3 * 19 and ui.units_of(four) == 4
+    tabs = [b for b in demo.blocks.values() if isinstance(b, gr.Tab)]
+    assert [t.label for t in tabs] == [f"Character {k}" for k in range(1, 5)]
+    assert Params.from_args([c.value for c in four]) == Params()
+    c = dict(zip(arg_names(4), four))
+    assert c["character4_image"].elem_id == "charadapter_txt2img_character4_image"
+    assert c["subject"].elem_id == "charadapter_txt2img_subject" and c["image"].elem_id == "charadapter_txt2img_image"
+    fields = ui.infotext_fields(four)
+    assert str(fields[-1][1]) == "Character-Adapter 4 region 4 weight" and str(fields[25][1]) == "Character-Adapter subject"
+
+
+def test_infotext_of_two_characters_pastes_into_their_tabs():
+    _, (comps,), _ = build()
+    original = Params(enabled=True, characters=(
+        Character(model="m.safetensors", subject="girl", regions=(Region("face", "her face", 1.0),)),
+        Character(model="p.safetensors", encoder="clip_h.pth", weight=1.3, start=0.2, subject="knight",
+                  regions=(Region("helmet", "helmet", 0.5), Region("armour", "steel armour", 1.0)), unit=3),
+    )).validated()
+    values = _paste(ui.infotext_fields(comps), _infotext(original.to_infotext(["h1", "h3"])))
+    c = dict(zip(ARG_NAMES, values))
+    assert c["subject"] == "girl" and c["region1_phrase"] == "her face" and c["region2_reference_phrase"] == ""
+    assert c["character3_subject"] == "knight" and c["character3_weight"] == 1.3 and c["character3_start"] == 0.2
+    assert c["character3_region2_phrase"] == "steel armour" and c["character3_encoder"] == "clip_h.pth"
+    assert c["character2_subject"] is None and c["character2_weight"] is None  # tab 2 left alone ...
+    assert isinstance(c["character2_image"], dict) and c["character2_image"]["value"] is None  # ... but switched off
+    # with references dropped in tabs 1 and 3, the pasted panel is the original again
+    after = _after_paste(comps, values)
+    from PIL import Image
+
+    after[ARG_NAMES.index("image")] = after[ARG_NAMES.index("character3_image")] = Image.new("RGB", (40, 40))
+    pasted = Params.from_args(after)
+    assert [(c.unit, c.subject, c.weight, c.regions) for c in pasted.characters] == [
+        (c.unit, c.subject, c.weight, c.regions) for c in original.characters]

@@ -23,7 +23,7 @@ XYZ_FILE = os.path.join(ROOT, "tests", "webui_double", "scripts", "xyz_grid.py")
 OUR_FILE = os.path.join(ROOT, "scripts", "character_adapter.py")
 LABELS = ["[Character-Adapter] " + name for name in (
     "Weight", "Start", "End", "Fusion mode", "Temperature", "Segmentation timestep", "Region weights",
-    "IP-Adapter model")]
+    "IP-Adapter model", "Character 2 weight", "Character 3 weight")]  # one weight axis per further tab (3 by default)
 
 
 def load(order):
@@ -104,7 +104,7 @@ def run_grid(runner, grid, script, axes, panel=None, **kwargs):
     p.scripts = runner
     full = [0] * max(script.args_to, grid.args_to)
     full[0] = runner.selectable_scripts.index(grid) + 1
-    params = panel or Params(enabled=True, image=reference_image(), model="tiny-adapter")
+    params = panel or Params.single(enabled=True, image=reference_image(), model="tiny-adapter")
     full[script.args_from:script.args_to] = params.to_args()
     full[grid.args_from:grid.args_to] = grid_args(grid, **axes)
     p.script_args = tuple(full)
@@ -168,7 +168,7 @@ def test_model_axis_lists_the_adapters_and_reaches_the_infotext(grid_host, monke
     install_listed_models(script, monkeypatch)
     (option,) = [o for o in grid.current_axis_options if o.label == LABELS[7]]
     assert option.choices() == [ADAPTER_NAME]
-    panel = Params(enabled=True, image=reference_image(), model=ADAPTER_NAME, regions=(Region("face", "face"),))
+    panel = Params.single(enabled=True, image=reference_image(), model=ADAPTER_NAME, regions=(Region("face", "face"),))
     _, processed = run_grid(runner, grid, script, dict(x=(LABELS[7], "", [ADAPTER_NAME])), panel=panel)
     assert f"Character-Adapter model: {ADAPTER_NAME}" in processed.infotexts[0]
     with pytest.raises(Exception, match="model"):

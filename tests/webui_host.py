@@ -85,7 +85,7 @@ def reference_image():
 
 def args_for(script, **overrides):
     overrides.setdefault("model", "tiny-adapter")
-    params = Params(enabled=True, image=reference_image(), **overrides)
+    params = Params.single(enabled=True, image=reference_image(), **overrides)
     values = params.to_args()
     full = [0] * script.args_to
     full[script.args_from:script.args_to] = values

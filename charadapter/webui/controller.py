@@ -12,19 +12,17 @@ import weakref
 from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 
-from ..checkpoint import IPAdapterWeights
 from ..errors import CharacterAdapterError, InputError
-from ..fusion import FusionConfig, FusionSession
+from ..fusion import CharacterTokens, FusionConfig, FusionSession
 from ..hooks import HookSession, MarkedHook, clear_stale
 from ..layers import check_adapter_layers, find_attn2_layers
-from ..params import INFOTEXT_PREFIX, Params
+from ..params import INFOTEXT_PREFIX, Character, Params
 from . import refusal
 from .host import check_architecture, unet_of
 from .prompts import (FROM_PHRASE, PhraseFinder, encoder_key, image_texts, located_infotext, phrase_bank,
                       row_plan)
-from .reference_pass import Reference, ResolveModel, prepare
+from .reference_pass import Prepared, ResolveModel, prepare
 from .rows import RowCheck
 from .show_masks import show_masks
 from .xyz import cell_overrides
@@ -32,23 +30,44 @@ from .xyz import cell_overrides
 log = logging.getLogger("character_adapter")
 
 
+def several(params: Params) -> bool:
+    """Two or more characters: their subject phrases share the image out among them."""
+    return len(params.characters) > 1
+
+
+def character_label(params: Params, character: Character) -> str:
+    """"Character 2: " where it matters which character a message is about, else ""."""
+    return f"{character.label}: " if several(params) or character.unit > 1 else ""
+
+
+def map_phrases(params: Params) -> PhraseFinder:
+    """The phrases whose maps make the layout, in FusionSession's column order: every character's
+    region phrases, then (two or more characters) each one's subject phrase."""
+    phrases, roles = [], []
+    for character in params.characters:
+        for region in character.regions:
+            phrases.append(region.phrase)
+            roles.append(f"{character_label(params, character)}region '{region.reference_phrase}'")
+    if several(params):
+        for character in params.characters:
+            phrases.append(character.subject)
+            roles.append(f"the subject of {character.label}")
+    return PhraseFinder(tuple(phrases), tuple(roles))
+
+
 class Generation:
     """Per-generation state of one script instance (one tab): never stored on `p` or modules."""
 
-    def __init__(self, params: Params, weights: IPAdapterWeights, reference: Reference, image_hash: str,
-                 image: Image.Image):
+    def __init__(self, params: Params, prepared: Sequence[Prepared]):
         self.params = params
-        self.image = image
-        self.weights = weights
-        self.reference = reference
-        self.image_hash = image_hash
+        self.prepared = list(prepared)  # one per character, in params.characters order
         self.fusion: Optional[FusionSession] = None
         self.row_check: Optional[RowCheck] = None
         self.p: Any = None
         self.hires = False
-        self.phrases = PhraseFinder(tuple(r.phrase for r in params.regions))
-        self.located: List[Tuple[str, ...]] = []  # per image of the run: how each region is located
-        self.needs_bank = False  # some region is absent from some prompt: locate it from its phrase
+        self.phrases = map_phrases(params)
+        self.located: List[Tuple[str, ...]] = []  # per image of the run: how each mapped phrase is located
+        self.needs_bank = False  # some phrase is absent from some prompt: locate it from the phrase itself
         self.located_infotext: Any = None  # the "located" infotext value (a text, or one per image)
 
     def remove_hooks(self) -> None:
@@ -90,34 +109,50 @@ class Controller:
             return self._report(p)
         if not params.enabled:
             return None
+        prepared: List[Prepared] = []
+        for character in params.characters:  # each reference segmented and encoded once (cached)
+            label = character_label(params, character)
+            try:
+                prepared.append(prepare(p, params, character, self.resolve_model))
+            except CharacterAdapterError as err:
+                self.error, self.refused = _labelled(str(err), label), isinstance(err, InputError)
+                return self._report(p)
+            except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
+                self._fail(f"preparing the reference{' of ' + character.label if label else ''}", err)
+                return self._report(p)
         try:
-            prepared = prepare(p, params, self.resolve_model)
-            self.generation = Generation(params, prepared.weights, prepared.reference, prepared.image_hash,
-                                         prepared.image)
-            self._locate(p, self.generation)
+            check_token_counts(params, prepared)
+        except InputError as err:
+            self.error, self.refused = str(err), True
+            return self._report(p)
+        gen = self.generation = Generation(params, prepared)
+        try:
+            self._locate(p, gen)
         except CharacterAdapterError as err:
             self.error, self.refused = str(err), isinstance(err, InputError)
             return self._report(p)
         except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
-            self._fail("preparing the reference", err)
+            self._fail("locating the phrases", err)
             return self._report(p)
-        gen = self.generation
-        p.extra_generation_params.update(params.to_infotext(gen.image_hash))
+        p.extra_generation_params.update(params.to_infotext([done.image_hash for done in prepared]))
         if gen.located_infotext is not None:
             p.extra_generation_params[f"{INFOTEXT_PREFIX} located"] = gen.located_infotext
-        for name in gen.reference.empty_regions:
-            p.comment(f"Character-Adapter: region '{name}' was not found in the reference; "
-                      f"its crop is the whole image.")
-        if gen.image.info.get("frames", 1) > 1:
-            p.comment(f"Character-Adapter: the reference is animated ({gen.image.info['frames']} frames); "
-                      f"its first frame is used.")
+        for character, done in zip(params.characters, prepared):
+            label = character_label(params, character)
+            for name in done.reference.empty_regions:
+                p.comment(f"Character-Adapter: {label}region '{name}' was not found in the reference; "
+                          f"its crop is the whole image.")
+            if done.image.info.get("frames", 1) > 1:
+                p.comment(f"Character-Adapter: {label}the reference is animated ({done.image.info['frames']} "
+                          f"frames); its first frame is used.")
         return None
 
     @staticmethod
     def _locate(p, gen: Generation) -> None:
-        """How each image's regions will be located (the first AND part of its prompt, every
-        prompt edit): whether a phrase bank is needed, and the infotext value saying so."""
-        if not gen.params.regions:
+        """How each image's mapped phrases (regions, subjects) will be located (the first AND part
+        of its prompt, every prompt edit): whether a phrase bank is needed, and the infotext value
+        saying so."""
+        if not gen.phrases.phrases:
             return
         gen.located = [gen.phrases.locations(p.sd_model, texts) for texts in image_texts(p, p.steps)]
         gen.needs_bank = any(FROM_PHRASE in kind for kinds in gen.located for kind in kinds)
@@ -186,24 +221,17 @@ class Controller:
         gen = self.generation
         if gen is None or unet is None:
             return None
-        check_architecture(p.sd_model, gen.weights)
         layers = find_attn2_layers(unet)
-        check_adapter_layers(layers, gen.weights.layers, gen.weights.source)
+        for done in gen.prepared:
+            check_architecture(p.sd_model, done.weights)
+            check_adapter_layers(layers, done.weights.layers, done.weights.source)
         previous = gen.fusion
         if previous is not None and previous.unet is not unet:
             gen.remove_hooks()  # hires checkpoint: a different UNet
             previous = None
         if previous is None:
-            params = gen.params
-            config = FusionConfig(
-                weight=params.weight, region_weights=tuple(r.weight for r in params.regions),
-                start=params.start, end=params.end, mode=params.fusion,
-                temperature=params.temperature, background=params.background,
-            )
-            # the adapter's weights as stored: the session casts one layer at a time (fp32 copies of
-            # all layers at once were 1.4 GB more, for a moment, with an fp16 SDXL adapter)
-            gen.fusion = FusionSession(unet, layers, gen.weights.layers, gen.reference.tokens.cond,
-                                       gen.reference.tokens.negative, config)
+            first, *others = character_tokens(gen.params, gen.prepared)
+            gen.fusion = FusionSession(unet, layers, *first, others=others)
             gen.fusion.install()
             gen.row_check = RowCheck(unet, layers, gen.fusion.state).install()
         gen.p = p
@@ -261,7 +289,7 @@ class Controller:
         gen = self.generation
         try:
             if gen is not None and gen.params.show_masks:
-                show_masks(gen.p, processed, gen.image, gen.reference, gen.fusion, gen.phrases.phrases, gen.located)
+                show_masks(gen.p, processed, gen.params, gen.prepared, gen.fusion, gen.phrases.phrases, gen.located)
         finally:
             self.end()
 
@@ -279,3 +307,41 @@ class Controller:
                     hooks.remove()
             finally:
                 self._drop_guard()
+
+
+def _labelled(message: str, label: str) -> str:
+    """An error message with the character it is about: "Character-Adapter: Character 2: ..."."""
+    prefix = "Character-Adapter: "
+    if not label:
+        return message
+    return prefix + label + (message[len(prefix):] if message.startswith(prefix) else message)
+
+
+def check_token_counts(params: Params, prepared: Sequence[Prepared]) -> None:
+    """Characters share one batched term, their tokens repeated up to the largest count (4 -> 16 for a
+    base and a Plus adapter); counts that do not divide it (a Full-Face adapter's 257) cannot."""
+    counts = [done.reference.tokens.cond.shape[1] for done in prepared]
+    largest = max(counts)
+    for character, done, count in zip(params.characters, prepared, counts):
+        if largest % count:
+            other = params.characters[counts.index(largest)]
+            raise InputError(
+                f"Character-Adapter: {character.label}: model: {character.model} gives {count} image tokens per "
+                f"region and {other.label}'s {other.model} gives {largest}; adapters mix in one generation only "
+                f"when one count divides the other (base 4 and Plus 16 do): choose another model for one of them")
+
+
+def character_tokens(params: Params, prepared: Sequence[Prepared]) -> List[CharacterTokens]:
+    """Each character's adapter weights, tokens and fusion settings, for FusionSession."""
+    found = []
+    for character, done in zip(params.characters, prepared):
+        # the adapter's weights as stored: the session casts one layer at a time (fp32 copies of
+        # all layers at once were 1.4 GB more, for a moment, with an fp16 SDXL adapter)
+        config = FusionConfig(
+            weight=character.weight, region_weights=tuple(r.weight for r in character.regions),
+            start=character.start, end=character.end, mode=params.fusion,
+            temperature=params.temperature, background=params.background, subject=several(params),
+        )
+        found.append(CharacterTokens(done.weights.layers, done.reference.tokens.cond, done.reference.tokens.negative,
+                                     config))
+    return found

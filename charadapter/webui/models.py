@@ -25,6 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
+from ..weightfile import read_safetensors_header
 from .settings import SETTING_EXTRA_FOLDERS
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ CLASS_EMBEDDING_SUFFIXES = ("vision_model.embeddings.class_embedding", "visual.c
 
 MAX_DEPTH = 3  # h94's clone: ipadapter/IP-Adapter/models/image_encoder
 MAX_ENTRIES = 20000  # per scan: an extra folder set to "/" must not hang the UI
-MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
 MAX_CONFIG_BYTES = 1_000_000
 RESERVED_ENCODER_NAMES = ("auto",)  # the encoder dropdown's "Auto" entry
 
@@ -160,31 +160,6 @@ def parse_folder_list(text: Any) -> List[str]:
 
 
 # ---------------------------------------------------------------- reading headers
-
-
-def read_safetensors_header(path: str, needles: Sequence[bytes] = ()) -> Optional[Dict[str, Dict[str, Any]]]:
-    """Tensor name -> {dtype, shape, data_offsets} from the JSON header; None if unreadable.
-
-    With `needles`, a header containing none of them is returned as {} without parsing it
-    (a folder of ControlNet models is then skimmed, not parsed).
-    """
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) != 8:
-                return None
-            (size,) = struct.unpack("<Q", head)  # header length, little-endian u64
-            if size < 2 or size > MAX_HEADER_BYTES or size > os.fstat(f.fileno()).st_size - 8:
-                return None
-            raw = f.read(size)
-        if needles and not any(n in raw for n in needles):
-            return {}
-        header = json.loads(raw.decode("utf-8"))
-    except (OSError, ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return None
-    if not isinstance(header, dict):
-        return None
-    return {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
 
 
 def _read_json(path: str) -> Optional[Dict[str, Any]]:

@@ -137,17 +137,18 @@ def image_texts(p, steps: int) -> List[List[str]]:
 
 @dataclass
 class PhraseFinder:
-    """Per generation: the region phrases' token groups in each prompt text met so far, the
-    phrase bank's entries once the regions absent from a prompt need them, and the phrases
-    reported as not located (each once)."""
+    """Per generation: the mapped phrases' token groups in each prompt text met so far (the regions'
+    generation phrases, then the characters' subjects), the phrase bank's entries once the phrases
+    absent from a prompt need them, and the phrases reported as not located (each once)."""
 
-    phrases: Tuple[str, ...]  # the regions' generation phrases, in region order
+    phrases: Tuple[str, ...]  # the map columns' phrases: regions' generation phrases, then subjects
+    roles: Tuple[str, ...] = ()  # what each phrase locates, for messages ("the subject of Character 2"); () = regions
     found: Dict[str, TokenGroups] = field(default_factory=dict)
     missing: Set[str] = field(default_factory=set)
-    bank_entries: Optional[TokenGroups] = None  # per region: its own tokens in the phrase bank
+    bank_entries: Optional[TokenGroups] = None  # per mapped phrase: its own tokens in the phrase bank
 
     def positions(self, sd_model, text: str) -> TokenGroups:
-        """Token positions of each region's generation phrase in `text` (host tokenizer); () = absent."""
+        """Token positions of each mapped phrase in `text` (host tokenizer); () = absent."""
         groups = self.found.get(text)
         if groups is None:
             groups = self.found[text] = phrase_groups(sd_model, text, self.phrases)
@@ -176,12 +177,19 @@ class PhraseFinder:
         return tuple(out)
 
     def warn_missing(self, p, first: TokenGroups) -> None:
-        """Once per phrase: a region with no map columns in an image's first rows (a phrase that
+        """Once per phrase: a phrase with no map columns in an image's first rows (a phrase that
         gives no token, or a prompt the run start did not foresee: no bank)."""
-        for phrase, columns in zip(self.phrases, first):
+        roles = self.roles or ("region",) * len(self.phrases)
+        for phrase, role, columns in zip(self.phrases, roles, first):
             if columns or phrase in self.missing:
                 continue
             self.missing.add(phrase)
+            if role.startswith("the subject of "):
+                p.comment(
+                    f"Character-Adapter: '{phrase}' ({role}) could not be located in the image (not in the "
+                    f"prompt, with AND: in its first part, and not located from the phrase), so that "
+                    f"character's figure cannot be told from the others'.")
+                continue
             p.comment(
                 f"Character-Adapter: '{phrase}' could not be located in the image (not in the prompt, "
                 f"with AND: in its first part, and not located from the phrase), so that region gets "
@@ -189,8 +197,11 @@ class PhraseFinder:
 
 
 def located_text(phrases: Sequence[str], kinds: Sequence[str]) -> str:
-    """'face: from the phrase, red jacket: in the prompt'."""
-    return ", ".join(f"{phrase}: {kind}" for phrase, kind in zip(phrases, kinds))
+    """'face: from the phrase, red jacket: in the prompt'; a phrase two characters share, once."""
+    seen = {}
+    for phrase, kind in zip(phrases, kinds):
+        seen.setdefault(phrase, kind)
+    return ", ".join(f"{phrase}: {kind}" for phrase, kind in seen.items())
 
 
 class LocatedPerImage:

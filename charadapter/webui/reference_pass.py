@@ -1,12 +1,13 @@
-"""The reference side of a generation: load the adapter and its image encoder, segment the
-reference with the loaded UNet (VAE encode, noise to T, one pass with the region phrases), crop
-it per region and encode the crops; each step is cached (caches.py).
+"""The reference side of a generation, per character: load its adapter and image encoder, segment
+its reference with the loaded UNet (VAE encode, noise to T, one pass with the region phrases), crop
+it per region and encode the crops; each step is cached (caches.py), so a reference is segmented
+and encoded once, however many generations, X/Y/Z cells or characters use it.
 
 `modules` is imported inside the functions that need it, so importing this file needs no WebUI.
 """
 
 from dataclasses import dataclass
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from PIL import Image
@@ -17,7 +18,7 @@ from ..clip_vision import load_clip_vision
 from ..errors import InputError
 from ..images import MIN_REFERENCE_SIDE, image_hash, load_image
 from ..layers import find_attn2_layers
-from ..params import Params
+from ..params import Character, Params
 from ..reference import PASS_AREA, noise_latent, pass_pixels, segment_reference, segmentation_prompt
 from ..segmentation import SegmentationResult, region_crops
 from ..tokens import unplaced_phrase
@@ -40,7 +41,7 @@ class Reference:
 
 
 class Prepared(NamedTuple):
-    """A generation's reference, ready for sampling."""
+    """One character's reference, ready for sampling."""
 
     image: Image.Image
     image_hash: str
@@ -48,30 +49,32 @@ class Prepared(NamedTuple):
     reference: Reference
 
 
-def prepare(p, params: Params, resolve_model: ResolveModel) -> Prepared:
-    """Check and load what `params` names, then the reference's region tokens (cached)."""
-    if params.image is None:
+def prepare(p, params: Params, character: Character, resolve_model: ResolveModel) -> Prepared:
+    """Check and load what `character` names, then its reference's region tokens (cached)."""
+    if character.image is None:
         raise InputError("Character-Adapter: no reference image: drop one in the accordion")
-    image = load_image(params.image, min_side=MIN_REFERENCE_SIDE)
-    if not params.model:
+    image = load_image(character.image, min_side=MIN_REFERENCE_SIDE)
+    if not character.model:
         raise InputError("Character-Adapter: choose an IP-Adapter model (none is selected)")
     apply_cache_settings()
-    adapter_path = resolve_model("adapter", params.model)
+    adapter_path = resolve_model("adapter", character.model)
     weights = ADAPTER_CACHE.get_or_create(adapter_path, lambda: load_ip_adapter(adapter_path))
     check_architecture(p.sd_model, weights)
-    encoder_path = resolve_model("encoder", params.encoder or ("auto:" + weights.spec.encoder))
+    encoder_path = resolve_model("encoder", character.encoder or ("auto:" + weights.spec.encoder))
     reference_hash = image_hash(image)  # reads every pixel: once
     # masks depend on the model and the reference phrases only: an adapter sweep segments once
-    masks_key = (reference_hash, tuple(r.reference_phrase for r in params.regions), params.timestep,
-                 params.crop, getattr(p.sd_model, "sd_model_hash", None), id(unet_of(p.sd_model)))
+    phrases = tuple(r.reference_phrase for r in character.regions)
+    masks_key = (reference_hash, phrases, params.timestep, params.crop,
+                 getattr(p.sd_model, "sd_model_hash", None), id(unet_of(p.sd_model)))
     reference = REFERENCE_CACHE.get_or_create(
         masks_key + (adapter_path, encoder_path),
-        lambda: encode_reference(p.sd_model, image, params, weights, encoder_path, masks_key))
+        lambda: encode_reference(p.sd_model, image, phrases, params.timestep, params.crop, weights,
+                                 encoder_path, masks_key))
     return Prepared(image, reference_hash, weights, reference)
 
 
-def encode_reference(sd_model, image: Image.Image, params: Params, weights: IPAdapterWeights,
-                     encoder_path: str, masks_key: tuple) -> Reference:
+def encode_reference(sd_model, image: Image.Image, phrases: Sequence[str], timestep: int, crop: str,
+                     weights: IPAdapterWeights, encoder_path: str, masks_key: tuple) -> Reference:
     """Segment the reference (cached under `masks_key`), crop it and encode one token set per region.
 
     The UNet pass runs before the image encoder is loaded, so the two never share memory on a
@@ -81,12 +84,12 @@ def encode_reference(sd_model, image: Image.Image, params: Params, weights: IPAd
         RegionEncoder(weights, clip)  # a mismatched pair stops before the pass
     segmentation = boxes = None
     empty: List[str] = []
-    if params.regions:
+    if phrases:
         segmentation = SEGMENTATION_CACHE.get_or_create(masks_key, lambda: segment_with_progress(
-            sd_model, image, params))
-        boxes = segmentation.boxes(image.size, params.crop)
+            sd_model, image, phrases, timestep))
+        boxes = segmentation.boxes(image.size, crop)
         crops = region_crops(image, boxes)
-        empty = [r.reference_phrase for r, e in zip(params.regions, segmentation.empty) if e]
+        empty = [phrase for phrase, e in zip(phrases, segmentation.empty) if e]
     else:
         crops = [image]
     with progress("Character-Adapter: loading the image encoder"):
@@ -115,12 +118,12 @@ def encode_on_device(sd_model, encoder: RegionEncoder, crops: List[Image.Image])
             devices.torch_gc()
 
 
-def segment_with_progress(sd_model, image: Image.Image, params: Params) -> SegmentationResult:
+def segment_with_progress(sd_model, image: Image.Image, phrases: Sequence[str], timestep: int) -> SegmentationResult:
     with progress("Character-Adapter: segmenting the reference"):
-        return segment(sd_model, image, params)
+        return segment(sd_model, image, phrases, timestep)
 
 
-def segment(sd_model, image: Image.Image, params: Params) -> SegmentationResult:
+def segment(sd_model, image: Image.Image, phrases: Sequence[str], timestep: int) -> SegmentationResult:
     """Encode the reference, noise it to T, one UNet pass with the region phrases, masks.
 
     The VAE and the UNet are called through the model (encode_first_stage, apply_model), so the
@@ -130,7 +133,7 @@ def segment(sd_model, image: Image.Image, params: Params) -> SegmentationResult:
 
     unet = unet_of(sd_model)
     pixels = pass_pixels(image, PASS_AREA["sdxl" if getattr(sd_model, "is_sdxl", False) else "sd15"])
-    phrases = [r.reference_phrase for r in params.regions]
+    phrases = list(phrases)
     prompt = segmentation_prompt(phrases)
     groups = phrase_groups(sd_model, prompt, phrases)
     for phrase, group in zip(phrases, groups):
@@ -143,8 +146,8 @@ def segment(sd_model, image: Image.Image, params: Params) -> SegmentationResult:
             pixels = pixels.to(devices.device, vae_dtype)
             latent = vae_latent(sd_model, pixels)
             cond = sd_model.get_learned_conditioning([prompt])
-            noisy = noise_latent(latent, sd_model.alphas_cumprod.float().cpu(), params.timestep)
-            timestep = torch.tensor([float(params.timestep)], device=noisy.device)
+            noisy = noise_latent(latent, sd_model.alphas_cumprod.float().cpu(), timestep)
+            t = torch.tensor([float(timestep)], device=noisy.device)
             cond = with_concat(sd_model, cond, noisy, pixels)
             del latent, pixels
 
@@ -152,7 +155,7 @@ def segment(sd_model, image: Image.Image, params: Params) -> SegmentationResult:
                 # the host's apply_model casts to dtype_unet under autocast (sd_hijack_unet.apply_model);
                 # autocast here too, for hosts that only autocast around sampling (processing.py)
                 with devices.autocast():
-                    sd_model.apply_model(noisy, timestep, cond)  # the output is not needed: only the maps
+                    sd_model.apply_model(noisy, t, cond)  # the output is not needed: only the maps
 
             result, _ = segment_reference(unet, find_attn2_layers(unet), run_unet, tuple(noisy.shape[-2:]), groups)
         return result

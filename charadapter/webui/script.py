@@ -43,9 +43,10 @@ class ScriptHooks:
         script_callbacks.on_script_unloaded(self.controller.end)
 
     def ui(self, script, is_img2img: bool) -> List[Any]:
-        components = ui.build_ui(is_img2img, models.listing, models.refresh)
+        units = settings.character_units()
+        components = ui.build_ui(is_img2img, models.listing, models.refresh, units)
         script.infotext_fields = ui.infotext_fields(components)
-        script.paste_field_names = ui.paste_field_names()
+        script.paste_field_names = ui.paste_field_names(units)
         return components
 
     def process(self, p, *args) -> None:

@@ -1,11 +1,24 @@
-"""Settings → Character-Adapter: extra model folders and the cache sizes."""
+"""Settings → Character-Adapter: extra model folders, the cache sizes, the number of character tabs."""
 
+from ..params import DEFAULT_UNITS, MAX_CHARACTERS
 from . import caches
 
 SETTINGS_SECTION = ("character_adapter", "Character-Adapter")
 SETTING_EXTRA_FOLDERS = "character_adapter_model_folders"
 SETTING_SEGMENTATION_CACHE = "character_adapter_segmentation_cache"
 SETTING_ADAPTERS_LOADED = "character_adapter_adapters_loaded"
+SETTING_UNITS = "character_adapter_units"
+
+
+def character_units() -> int:
+    """How many character tabs the panel shows (Settings; read when the UI is built)."""
+    from modules import shared
+
+    try:
+        units = int(float(shared.opts.data.get(SETTING_UNITS, DEFAULT_UNITS)))
+    except (TypeError, ValueError):
+        return DEFAULT_UNITS
+    return min(max(units, 1), MAX_CHARACTERS)
 
 
 def apply_cache_settings() -> None:
@@ -33,3 +46,6 @@ def add_settings() -> None:
         caches.DEFAULT_ADAPTERS_LOADED, "IP-Adapter models kept loaded (0 = load from disk every generation)",
         gr.Slider, {"minimum": 0, "maximum": 8, "step": 1}, onchange=apply_cache_settings,
         section=SETTINGS_SECTION))
+    shared.opts.add_option(SETTING_UNITS, shared.OptionInfo(
+        DEFAULT_UNITS, "Character tabs in the panel (one reference each; one tab = the single-character panel)",
+        gr.Slider, {"minimum": 1, "maximum": MAX_CHARACTERS, "step": 1}, section=SETTINGS_SECTION).needs_reload_ui())

@@ -1,5 +1,8 @@
 """X/Y/Z plot axes: "[Character-Adapter] Weight" and friends, and the per-cell overrides they set.
 
+The first character's settings and the shared ones have an axis each (as a single-character
+panel always had); every further character tab has a weight axis ("Character 2 weight", ...).
+
 The WebUI loads scripts/xyz_grid.py as a module named "xyz_grid.py" that is not in sys.modules;
 extensions find it in `modules.scripts.scripts_data` and extend its `axis_options` list
 (sd-webui-controlnet scripts/xyz_grid_support.py does the same). Its `ui()` copies that list,
@@ -15,7 +18,7 @@ import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import InputError
-from ..params import FUSION_MODES, RANGES, ParamError, Params, _as_choice, _as_float, _as_int, _as_name
+from ..params import MAX_CHARACTERS, FUSION_MODES, RANGES, ParamError, Params, _as_choice, _as_float, _as_int, _as_name
 from . import refusal
 
 log = logging.getLogger("character_adapter")
@@ -68,8 +71,8 @@ def _confirm(setting: str, check: Callable[[Any], Any]) -> Callable[[Any, Sequen
         try:
             for x in xs:
                 check(x)
-                if panel is not None and setting == "region_weights":
-                    panel.with_overrides({setting: x})  # one weight per region of the panel
+                if panel is not None:
+                    panel.with_overrides({setting: x})  # in the panel's context: one weight per region, a used tab
         except InputError as err:  # the grid stops before its first cell: the caller's value
             raise refusal.refuse(str(err)) from None
 
@@ -96,7 +99,17 @@ AXES: Tuple[Tuple[str, str, Callable, Callable, Dict[str, Any]], ...] = (
      {"format_value": format_region_weights}),
     ("IP-Adapter model", "model", str, _check_model, {"choices": _adapter_names, "cost": 0.5}),
 )
-SETTINGS = tuple(setting for _, setting, _, _, _ in AXES)
+
+
+
+def character_axes(units: int) -> Tuple[Tuple[str, str, Callable, Callable, Dict[str, Any]], ...]:
+    """A weight axis for each character tab after the first."""
+    return tuple((f"Character {unit} weight", f"character{unit}_weight", float,
+                  lambda x, unit=unit: _as_float(f"Character {unit}: weight", x, *RANGES["weight"]), {})
+                 for unit in range(2, units + 1))
+
+
+SETTINGS = tuple(setting for _, setting, _, _, _ in AXES + character_axes(MAX_CHARACTERS))
 
 
 def _apply(setting: str) -> Callable[[Any, Any, Sequence[Any]], None]:
@@ -108,10 +121,10 @@ def _apply(setting: str) -> Callable[[Any, Any, Sequence[Any]], None]:
     return apply
 
 
-def make_axes(xyz_module) -> List[Any]:
-    """The AxisOption objects, built with the xyz module's own class."""
+def make_axes(xyz_module, units: int = 1) -> List[Any]:
+    """The AxisOption objects for a panel of `units` character tabs, built with the xyz module's own class."""
     options = []
-    for label, setting, kind, check, extra in AXES:
+    for label, setting, kind, check, extra in AXES + character_axes(units):
         options.append(xyz_module.AxisOption(
             LABEL_PREFIX + label, kind, _apply(setting), confirm=_confirm(setting, check), **extra))
     return options
@@ -135,8 +148,10 @@ def add_axes() -> int:
         xyz = find_xyz_module()
         if xyz is None:
             return 0
+        from .settings import character_units
+
         present = {getattr(option, "label", None) for option in xyz.axis_options}
-        new = [option for option in make_axes(xyz) if option.label not in present]
+        new = [option for option in make_axes(xyz, character_units()) if option.label not in present]
         xyz.axis_options.extend(new)
         return len(new)
     except Exception:  # noqa: BLE001 - an X/Y/Z change must not break loading the extension

@@ -14,6 +14,13 @@ scripts/ipadapter/plugable_ipadapter.py (hack_blk, attn_forward_hacked, clear_al
 * Its IP-Adapter replaces each attn2's forward (instance attribute) with its own SDP attention
   that adds every function in attn2.ipadapter_hacks to the attention output before to_out. It does
   not call the previous forward (no chaining with other replacements); register_forward_hook still fires.
+* A ControlNet unit (OpenPose, Depth, ...): the new forward runs the UNet's blocks itself
+  (hook.py UnetHook.hook.forward, "U-Net Encoder" / "Middle Block" / "Decoder") and adds the control
+  model's residuals: one per input block and one for the middle block (SD1: 13), scaled by the unit's
+  weight, added to the middle block's output and to each skip connection as the decoder takes it
+  (aligned_adding: resized with "nearest" when the grids differ). The control model here is a
+  stand-in, not a trained ControlNet: each residual is the hint image's brightness, area-resized to
+  that block's grid, times a fixed random vector over the block's channels (`PoseControl`).
 """
 import torch
 
@@ -90,13 +97,80 @@ def attn2_modules(unet):
     return found
 
 
+def aligned_adding(base, x):  # mirrors scripts/hook.py (aligned_adding), without the inpaint channel alignment
+    if isinstance(x, float):
+        return base if x == 0.0 else base + x
+    if x.shape[-2:] != base.shape[-2:] and (x.shape[-2] > 1 or x.shape[-1] > 1):
+        x = torch.nn.functional.interpolate(x, size=tuple(base.shape[-2:]), mode="nearest")
+    return base + x
+
+
+def openpose_hint(size, figures):
+    """A pose map (1, 1, H, W) in [0, 1]: one stick figure per (centre x, height) fraction pair, drawn as
+    OpenPose draws limbs on black (the stand-in control model only reads brightness)."""
+    from PIL import Image, ImageDraw
+    import numpy as np
+
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    width = max(1, size // 32)
+    for cx, height in figures:
+        x, top, bottom = cx * size, (1 - height) * size, size * 0.97
+        neck, hip = top + 0.18 * (bottom - top), top + 0.55 * (bottom - top)
+        head = 0.08 * (bottom - top)
+        draw.ellipse((x - head, top, x + head, top + 2 * head), outline=255, width=width)
+        draw.line((x, neck, x, hip), fill=255, width=width)  # spine
+        draw.line((x - 0.15 * size, neck + 0.05 * size, x + 0.15 * size, neck + 0.05 * size), fill=255, width=width)
+        draw.line((x, hip, x - 0.08 * size, bottom), fill=255, width=width)  # legs
+        draw.line((x, hip, x + 0.08 * size, bottom), fill=255, width=width)
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None, None]
+
+
+class PoseControl:  # double-only: a stand-in for a ControlNet model's output, fixed per block
+    def __init__(self, hint, weight=1.0, seed=0):
+        self.hint, self.weight, self.seed = hint, weight, seed
+
+    def residuals(self, shapes, like):
+        """One residual per input block and one for the middle block (their output shapes, in the order
+        hook.py stacks them), in `like`'s device and dtype."""
+        gen = torch.Generator().manual_seed(self.seed)
+        out = []
+        for shape in shapes:
+            grid = torch.nn.functional.interpolate(self.hint, size=tuple(shape[-2:]), mode="area")  # (1, 1, h, w)
+            channels = torch.randn(shape[1], generator=gen).view(1, -1, 1, 1)
+            out.append((self.weight * channels * grid).to(like.device, like.dtype).expand(shape[0], -1, -1, -1))
+        return out
+
+
+def controlled_forward(unet, x, timesteps, context, control):  # mirrors scripts/hook.py (UnetHook.hook.forward), one ControlNet unit
+    from ldm.modules.diffusionmodules.util import timestep_embedding
+
+    hs = []
+    with torch.no_grad():
+        emb = unet.time_embed(timestep_embedding(timesteps, unet.model_channels, repeat_only=False))
+        h = x
+        for module in unet.input_blocks:
+            h = module(h, emb, context)
+            hs.append(h)
+        h = unet.middle_block(h, emb, context)
+    # ControlNet computes these before the encoder with its own model; the stand-in needs only the shapes
+    total_controlnet_embedding = control.residuals([t.shape for t in hs] + [h.shape], h)
+    h = aligned_adding(h, total_controlnet_embedding.pop())
+    for module in unet.output_blocks:
+        h = torch.cat([h, aligned_adding(hs.pop(), total_controlnet_embedding.pop())], dim=1)
+        h = module(h, emb, context)
+    h = h.type(x.dtype)
+    return unet.out(h)
+
+
 class ControlNetDouble:  # double-only: UnetHook.hook / restore + PlugableIPAdapter.hook, reduced to their effect on the model
     def __init__(self):
         self.unet = None
         self.hacked = []
 
-    def hook(self, p, unet, ip_adapter_term=None):
-        """Install the prompt marking, the UNet forward replacement, and (optionally) IP-Adapter attn2 hacks."""
+    def hook(self, p, unet, ip_adapter_term=None, control=None):
+        """Install the prompt marking, the UNet forward replacement (running `control`'s residuals, a
+        PoseControl, when given), and (optionally) IP-Adapter attn2 hacks."""
         self.unet = unet
         if getattr(p, 'sample_before_CN_hack', None) is None:
             p.sample_before_CN_hack = p.sample
@@ -114,6 +188,8 @@ class ControlNetDouble:  # double-only: UnetHook.hook / restore + PlugableIPAdap
         def forward(x, timesteps=None, context=None, **kwargs):
             cond_mark, _, _, context = unmark_prompt_context(context)
             unet.cond_mark = cond_mark
+            if control is not None:
+                return controlled_forward(unet, x, timesteps, context, control)
             return original_forward(x, timesteps, context, **kwargs)
 
         unet._original_forward = original_forward

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
-from charadapter.params import ARG_NAMES  # noqa: E402
+from charadapter.params import ARG_NAMES_ONE  # noqa: E402
 
 TITLE = "Character-Adapter"
 ADAPTER = "ip-adapter_sd15.safetensors"
@@ -40,19 +40,37 @@ TINY = dict(prompt=PROMPT, negative_prompt="blurry", width=64, height=64, steps=
 SIZE128 = dict(width=128, height=128, steps=3)  # the memory baseline's request
 
 
-def reference_png(width=192, height=320) -> str:
-    """A character-like picture: skin-coloured head, red jacket, blue trousers on grey."""
+def reference_png(width=192, height=320, jacket=(200, 30, 30), trousers=(30, 40, 160)) -> str:
+    """A character-like picture: skin-coloured head, a jacket, trousers on grey."""
     img = Image.new("RGB", (width, height), (128, 128, 128))
     d = ImageDraw.Draw(img)
     d.ellipse((width * 0.35, height * 0.03, width * 0.65, height * 0.22), fill=(230, 190, 160))
-    d.rectangle((width * 0.25, height * 0.23, width * 0.75, height * 0.55), fill=(200, 30, 30))
-    d.rectangle((width * 0.3, height * 0.55, width * 0.7, height * 0.97), fill=(30, 40, 160))
+    d.rectangle((width * 0.25, height * 0.23, width * 0.75, height * 0.55), fill=jacket)
+    d.rectangle((width * 0.3, height * 0.55, width * 0.7, height * 0.97), fill=trousers)
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def pose_png(size=64) -> str:
+    """An OpenPose-style map with two skeletons (left and right), white limbs on black."""
+    img = Image.new("RGB", (size, size), (0, 0, 0))
+    d = ImageDraw.Draw(img)
+    for cx in (0.27, 0.73):
+        x = cx * size
+        d.ellipse((x - 4, size * 0.08, x + 4, size * 0.2), outline=(255, 255, 255))
+        d.line((x, size * 0.2, x, size * 0.6), fill=(255, 255, 255))
+        d.line((x - 9, size * 0.3, x + 9, size * 0.3), fill=(255, 255, 255))
+        d.line((x, size * 0.6, x - 6, size * 0.95), fill=(255, 255, 255))
+        d.line((x, size * 0.6, x + 6, size * 0.95), fill=(255, 255, 255))
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
 REF = reference_png()
+REF2 = reference_png(jacket=(180, 180, 190), trousers=(90, 60, 30))
+TWO_PROMPT = "a girl on the left and a knight on the right, face, upper body, lower body"
 REF_SQUARE = reference_png(256, 256)
 REF_TALL = reference_png(256, 512)
 
@@ -71,7 +89,7 @@ def positional(**kw):
                   region3_reference_phrase="lower body", region3_phrase="blue jeans", region3_weight=1.0,
                   region4_reference_phrase="", region4_phrase="", region4_weight=1.0)
     values.update(kw)
-    return [values[name] for name in ARG_NAMES]
+    return [values[name] for name in ARG_NAMES_ONE]  # the single-character panel's 25 values: still accepted
 
 
 def txt2img(args=None, **kw):
@@ -132,6 +150,7 @@ def with_controlnet(route_payload, units):
 # mistake (one plain log line, no traceback); 500 = a failure that is not (with its traceback)
 EXPECTED_STATUS = dict.fromkeys(("xyz_panel_off", "xyz_bad_value", "bad_model", "bad_weight", "no_image", "bad_key",
                                  "path_as_image", "sdxl_wrong_family"), 422)
+EXPECTED_STATUS.update(two_characters_shared_differs=422, two_characters_no_subject=422)
 EXPECTED_STATUS["bin_newtorch"] = 500  # the server's own file cannot be read: not the caller's fault
 
 
@@ -173,6 +192,16 @@ CASES = {
         txt2img([unit(show_masks=True)], enable_hr=True, hr_scale=1.5, hr_upscaler="Latent",
                 hr_second_pass_steps=1, denoising_strength=0.6), [controlnet_unit()]),
     "controlnet_only": lambda: with_controlnet(txt2img(), [controlnet_unit()]),
+    "two_characters": lambda: txt2img([unit(subject="girl", show_masks=True), unit(image=REF2, subject="knight")],
+                                      prompt=TWO_PROMPT),
+    "two_characters_pose": lambda: with_controlnet(
+        txt2img([unit(subject="girl"), unit(image=REF2, subject="knight", model=ADAPTER_PLUS)], prompt=TWO_PROMPT),
+        [controlnet_unit(image=pose_png())]),
+    "two_characters_shared_differs": lambda: txt2img([unit(subject="girl"), unit(image=REF2, subject="knight",
+                                                                                  fusion="hard")], prompt=TWO_PROMPT),
+    "two_characters_no_subject": lambda: txt2img([unit(subject="girl"), unit(image=REF2)], prompt=TWO_PROMPT),
+    "xyz_character2_weight": xyz("[Character-Adapter] Character 2 weight", "0, 1.2",
+                                 args=[unit(subject="girl"), unit(image=REF2, subject="knight")], prompt=TWO_PROMPT),
     "bin_newtorch": lambda: txt2img([unit(model="ip-adapter_sd15_newtorch.bin", regions=[])]),
     "bin_oldzip": lambda: txt2img([unit(model="ip-adapter_sd15_oldzip.bin", regions=[])]),
     "bad_model": lambda: txt2img([unit(model="nope.safetensors")]),
@@ -195,6 +224,10 @@ CASES = {
                                              prompt="a knight riding a horse at dusk"),
     "sdxl_xyz_weight": xyz("[Character-Adapter] Weight", "0, 0.8", args=[unit(model=SDXL_VITH, image=REF_SQUARE)]),
     "sdxl_wrong_family": lambda: txt2img([unit(image=REF_SQUARE)]),  # an SD1.5 adapter on SDXL: refused
+    "sdxl_two_characters": lambda: txt2img([unit(model=SDXL_VITH, image=REF_SQUARE, subject="girl"),
+                                            unit(model=SDXL_VITH, subject="knight",
+                                                 image=reference_png(256, 256, (180, 180, 190), (90, 60, 30)))],
+                                           prompt=TWO_PROMPT, **SIZE128),
     # DANGER: a 1:2 reference is a 1024x2048 UNet pass; it took the WebUI to 24.3 GB (OOM kill) on a
     # 24 GB machine. Run only under a hard cap (start_webui.sh MEM_CAP_GB=...).
     "sdxl_tall_capped": lambda: txt2img([unit(model=SDXL_VITH, image=REF_TALL)], **SIZE128),

@@ -7,6 +7,7 @@ from modules import script_callbacks, errors
 re_param_code = r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)'  # mirrors (re_param_code): keys are word chars, spaces, '-', '/'
 re_param = re.compile(re_param_code)
 re_imagesize = re.compile(r"^(\d+)x(\d+)$")  # mirrors (re_imagesize): 'Key: 12x34' becomes 'Key-1', 'Key-2'
+type_of_gr_update = dict  # mirrors (type_of_gr_update = type(gr.update())): gradio 3.41's update is a dict
 
 
 class PasteField(tuple):  # mirrors modules/infotext_utils.py (PasteField): (component, label-or-callable)
@@ -77,7 +78,8 @@ def parse_generation_parameters(x: str, skip_fields=None):  # mirrors (parse_gen
 
 
 def paste_values(paste_fields, infotext):  # double-only: the value each component would get, as connect_paste's paste_func computes it
-    """None means 'leave the component as it is' (gr.update()); bool fields get False only from the text 'False'."""
+    """None means 'leave the component as it is' (gr.update()); bool fields get False only from the text 'False';
+    a gr.update(...) dict a paste function returns is passed on as it is (connect_paste: isinstance(v, type_of_gr_update))."""
     params = parse_generation_parameters(infotext)
     script_callbacks.infotext_pasted_callback(infotext, params)
     res = []
@@ -92,8 +94,8 @@ def paste_values(paste_fields, infotext):  # double-only: the value each compone
             v = params.get(key, None)
         if v is None:
             res.append(None)
-        elif isinstance(v, dict) and v.get('__type__') == 'update':
-            res.append(v.get('value'))
+        elif isinstance(v, type_of_gr_update):
+            res.append(v)
         else:
             try:
                 valtype = type(output.value)
