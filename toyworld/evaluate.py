@@ -289,8 +289,12 @@ def evaluate_generation(world: World, samples: Sequence[data.Sample], chosen: Se
         rng = np.random.default_rng(1000 + index)
         asks = gen_prompts(sample, rng, prompts_per_ref)
         prompts = [a[0] for a in asks]
-        groups = world.groups(prompts[0], GEN_PHRASES)
-        assert all(world.groups(p, GEN_PHRASES) == groups for p in prompts), "prompts must share token positions"
+        # generation phrases = the reference phrases (the runtime's default): the prompts name no
+        # colour, so each region is located from its own tokens (phrase bank)
+        colours = [data.region_phrase(sample.character, r) for r in data.REGIONS]
+        groups, bank = world.located(prompts[0], colours)
+        assert all(world.groups(p, colours) == world.groups(prompts[0], colours) for p in prompts), \
+            "prompts must share token positions (one RowPlan)"
         noise = torch.randn((len(prompts), 3, data.SIZE, data.SIZE), generator=torch.Generator().manual_seed(index))
         plain_out = None  # "no adapter" comes first: the other settings' change is measured from it
         for setting in chosen:
@@ -306,7 +310,8 @@ def evaluate_generation(world: World, samples: Sequence[data.Sample], chosen: Se
                 config = FusionConfig(weight=weight, region_weights=regions, mode=setting.mode,
                                       temperature=setting.temperature, background=setting.background,
                                       map_levels=world.map_levels)
-                with FusionSession(world.unet, world.layers, world.ip, tokens.cond, tokens.negative, config) as fusion:
+                with FusionSession(world.unet, world.layers, world.ip, tokens.cond, tokens.negative, config,
+                                   phrase_bank=None if bank is None else bank.embeddings) as fusion:
                     out = sample_images(world, prompts, noise, steps, scale, fusion, groups, seed=index)
             if setting.name == "no adapter":
                 plain_out = out
