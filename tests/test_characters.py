@@ -11,12 +11,11 @@ from PIL import Image
 from charadapter.attention import ip_keys_values, region_ip_delta
 from charadapter.errors import CharacterAdapterError
 from charadapter.fusion import CharacterTokens, FusionConfig, FusionSession, RowPlan, repeat_tokens
-from charadapter.layers import find_attn2_layers
 from charadapter.masks import (
     character_layout, character_prior, figure_shares, hard_masks, pair_count, soft_masks, uniform_masks,
 )
 from charadapter.params import ARG_NAMES, ARG_NAMES_ONE, UNIT_ARGS, Character, ParamError, Params, Region
-from tiny_unet import sd15_unet
+from fusion_fixtures import CTX, layers, random_adapter, unet  # noqa: F401  (fixtures by name)
 
 SEEDS = range(6)
 H = W = 8
@@ -134,34 +133,17 @@ def test_repeated_tokens_give_the_same_attention():
 
 # ---------------------------------------------------------------- the session on a tiny UNet
 
-CTX, T_TEXT = 32, 12
+T_TEXT = 12
 GROUPS_1 = ((2, 3), (5,))  # character 1: two regions
 GROUPS_2 = ((2, 3), (8,))  # character 2: shares the first region phrase
 SUBJECTS = ((1,), (10,))
 GROUPS = GROUPS_1 + GROUPS_2 + SUBJECTS  # the map columns: region phrases, then subjects
 
 
-@pytest.fixture(scope="module")
-def unet():
-    return sd15_unet(32, CTX, seed=11)
-
-
-@pytest.fixture(scope="module")
-def layers(unet):
-    return find_attn2_layers(unet)
-
-
-def _adapter(layers, seed, tokens=4, regions=2):
-    gen = torch.Generator().manual_seed(seed)
-    ip = [(torch.randn(l.inner_dim, CTX, generator=gen) / CTX ** 0.5,
-           torch.randn(l.inner_dim, CTX, generator=gen) / CTX ** 0.5) for l in layers]
-    return ip, torch.randn(regions, tokens, CTX, generator=gen), torch.randn(tokens, CTX, generator=gen)
-
-
 def _characters(layers, tokens=(4, 4), **second):
-    one = CharacterTokens(*_adapter(layers, 12, tokens[0]), FusionConfig(
+    one = CharacterTokens(*random_adapter(layers, 12, tokens[0], regions=2), FusionConfig(
         weight=0.8, region_weights=(1.0, 0.7), subject=True))
-    two = CharacterTokens(*_adapter(layers, 13, tokens[1]), FusionConfig(**{
+    two = CharacterTokens(*random_adapter(layers, 13, tokens[1], regions=2), FusionConfig(**{
         **dict(weight=1.0, region_weights=(1.0, 1.2), subject=True), **second}))
     return one, two
 
