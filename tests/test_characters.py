@@ -352,41 +352,37 @@ def test_xyz_overrides_reach_character_1_and_each_characters_weight():
 def test_character_logits_give_the_layout(seed, mode):
     """fused_logits' columns [background, regions, subjects] -> character_logits -> softmax / one-hot
     is character_layout's masks (the sampling loop's form of the same formula)."""
-    from charadapter.masks import MAP_FLOOR, character_logits, fused_logits, one_hot_last
-
     counts, tau, beta = [3, 2, 0], 0.1, 0.4
     gen = torch.Generator().manual_seed(seed)
     maps = torch.rand(2, 5 + 3, N, generator=gen)  # (I, regions + subjects, N)
     reference = character_layout(maps[:, 5:], maps[:, :5], counts, mode, tau, beta)  # (I, P+1, N)
-    channels_last = torch.cat([torch.zeros(2, N, 1), maps.transpose(1, 2)], dim=-1) + MAP_FLOOR  # (I, N, 1+M)
-    bias = torch.zeros(1 + 8)
-    bias[0] = beta / tau
-    logits = character_logits(fused_logits(channels_last, bias, tau)[0], counts, [6, 7, 8], mode, tau)
-    got = torch.softmax(logits, dim=-1) if mode == "soft" else one_hot_last(logits, torch.float32)
-    assert got.shape == (2, N, 7)
-    if mode == "soft":
-        assert torch.allclose(got.transpose(1, 2), reference, atol=1e-5)
-    else:
-        assert torch.equal(got.transpose(1, 2), reference)
+    _assert_loop_layout(maps, counts, [6, 7, 8], mode, tau, beta, reference)
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_character_logits_without_a_subject_phrase(mode):
     """A character whose config has no subject phrase gets no map column: its figure logit is 0,
     as character_layout's all-zero subject map gives it."""
-    from charadapter.masks import MAP_FLOOR, character_logits, fused_logits, one_hot_last
-
     counts, tau, beta = [2, 0, 3], 0.1, 0.4
     gen = torch.Generator().manual_seed(7)
     maps = torch.rand(2, 5 + 2, N, generator=gen)  # (I, regions + subjects of characters 1 and 3, N)
     subject_maps = torch.stack([maps[:, 5], torch.zeros(2, N), maps[:, 6]], dim=1)  # (I, K, N)
     reference = character_layout(subject_maps, maps[:, :5], counts, mode, tau, beta)  # (I, P+1, N)
-    channels_last = torch.cat([torch.zeros(2, N, 1), maps.transpose(1, 2)], dim=-1) + MAP_FLOOR  # (I, N, 1+M)
-    bias = torch.zeros(1 + 7)
+    _assert_loop_layout(maps, counts, [6, None, 7], mode, tau, beta, reference)
+
+
+def _assert_loop_layout(maps, counts, subject_columns, mode, tau, beta, reference):
+    """The sampling loop's channels-last layout (fused_logits, character_logits, softmax or
+    one-hot) of maps (I, M, N) equals `reference` (I, P+1, N) from character_layout."""
+    from charadapter.masks import MAP_FLOOR, character_logits, fused_logits, one_hot_last
+
+    images, columns, _ = maps.shape
+    channels_last = torch.cat([torch.zeros(images, N, 1), maps.transpose(1, 2)], dim=-1) + MAP_FLOOR  # (I, N, 1+M)
+    bias = torch.zeros(1 + columns)
     bias[0] = beta / tau
-    logits = character_logits(fused_logits(channels_last, bias, tau)[0], counts, [6, None, 7], mode, tau)
+    logits = character_logits(fused_logits(channels_last, bias, tau)[0], counts, subject_columns, mode, tau)
     got = torch.softmax(logits, dim=-1) if mode == "soft" else one_hot_last(logits, torch.float32)
-    assert got.shape == (2, N, 7)
+    assert got.shape == (images, N, reference.shape[1])
     if mode == "soft":
         assert torch.allclose(got.transpose(1, 2), reference, atol=1e-5)
     else:
