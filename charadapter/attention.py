@@ -33,11 +33,26 @@ from .errors import CharacterAdapterError, GeometryError
 TokenIndex = Union[torch.Tensor, Sequence[int]]
 
 
+CAST_ROWS = 128  # weight rows cast at a time when the adapter's dtype is not the tokens'
+
+
 def ip_keys_values(
     tokens: torch.Tensor, to_k_ip: torch.Tensor, to_v_ip: torch.Tensor,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Image tokens (..., T, C_ctx) -> IP keys and values (..., T, C_inner) of one layer."""
-    return F.linear(tokens, to_k_ip), F.linear(tokens, to_v_ip)
+    """Image tokens (..., T, C_ctx) -> IP keys and values (..., T, C_inner) of one layer, in the
+    tokens' dtype whatever the weights' (an fp16 adapter beside an fp32 UNet)."""
+    return _linear(tokens, to_k_ip), _linear(tokens, to_v_ip)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """F.linear with `weight` cast to x's dtype and device CAST_ROWS output rows at a time: a whole
+    cast copy per layer (SDXL: 140 of 5-10 MB) left ~0.8 GB of freed but unreturned heap in the
+    WebUI's process on the CPU; 1 MB pieces are reused."""
+    if weight.dtype == x.dtype and weight.device == x.device:
+        return F.linear(x, weight)
+    parts = [F.linear(x, weight[i:i + CAST_ROWS].to(device=x.device, dtype=x.dtype))
+             for i in range(0, weight.shape[0], CAST_ROWS)]  # each (..., T, rows)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # (..., T, C_inner)
 
 
 def map_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -214,7 +214,7 @@ class FusionSession:
             cond = repeat_tokens(character.region_tokens, tokens, dim=1)  # (R_k, T, C_ctx)
             negative = repeat_tokens(character.negative_tokens, tokens, dim=0)  # (T, C_ctx)
             sets = torch.stack([cond, negative.expand_as(cond)], dim=1)  # (R_k, 2, T, C_ctx)
-            part = [ip_keys_values(sets, wk.to(sets.dtype), wv.to(sets.dtype)) for wk, wv in character.ip_weights]
+            part = [ip_keys_values(sets, wk, wv) for wk, wv in character.ip_weights]  # cast piecewise
             kv = part if kv is None else [(torch.cat([k0, k1]), torch.cat([v0, v1]))
                                           for (k0, v0), (k1, v1) in zip(kv, part)]
         weights = [torch.tensor(c.region_weights or (1.0,), dtype=torch.float32) * c.weight for c in self.characters]

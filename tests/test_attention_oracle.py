@@ -330,3 +330,23 @@ def test_many_regions_fall_back_to_wider_values():
     maps = text_region_maps(q, k, 2, groups)
     assert torch.allclose(maps.sum(dim=1), torch.ones(1, 5), atol=1e-6)
     assert torch.allclose(maps[:, :2], text_attention_probs(q, k, 2, [0, 1]), atol=1e-6)
+
+
+def test_ip_keys_values_casts_an_fp16_adapter_piecewise():
+    """An fp16 adapter beside fp32 tokens (the WebUI on the CPU) gives the keys and values of the
+    whole cast weights, without ever holding a whole cast copy (SDXL: 140 of 5-10 MB per session,
+    which the WebUI's process kept as ~0.8 GB of freed heap)."""
+    from charadapter.attention import CAST_ROWS
+    from charadapter.memprobe import LiveTensorBytes
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randn(3, 2, 4, 512, generator=gen)  # (R, 2, T, C_ctx)
+    wk = torch.randn(5 * CAST_ROWS + 7, 512, generator=gen).half()  # (C_inner, C_ctx), rows not a multiple
+    wv = torch.randn(5 * CAST_ROWS + 7, 512, generator=gen).half()
+    with LiveTensorBytes() as probe:
+        k, v = ip_keys_values(tokens, wk, wv)
+    assert k.dtype == v.dtype == torch.float32 and k.shape == (3, 2, 4, 5 * CAST_ROWS + 7)
+    torch.testing.assert_close(k, torch.nn.functional.linear(tokens, wk.float()), rtol=1e-5, atol=1e-4)  # fp32 rounding of the row blocks
+    torch.testing.assert_close(v, torch.nn.functional.linear(tokens, wv.float()), rtol=1e-5, atol=1e-4)
+    whole_cast = wk.numel() * 4
+    assert probe.peak < whole_cast / 2, (probe.peak, whole_cast)  # outputs, one piece and the concatenation

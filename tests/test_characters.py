@@ -11,12 +11,11 @@ from PIL import Image
 from charadapter.attention import ip_keys_values, region_ip_delta
 from charadapter.errors import CharacterAdapterError
 from charadapter.fusion import CharacterTokens, FusionConfig, FusionSession, RowPlan, repeat_tokens
-from charadapter.layers import find_attn2_layers
 from charadapter.masks import (
     character_layout, character_prior, figure_shares, hard_masks, pair_count, soft_masks, uniform_masks,
 )
 from charadapter.params import ARG_NAMES, ARG_NAMES_ONE, UNIT_ARGS, Character, ParamError, Params, Region
-from tiny_unet import sd15_unet
+from fusion_fixtures import CTX, layers, random_adapter, unet  # noqa: F401  (fixtures by name)
 
 SEEDS = range(6)
 H = W = 8
@@ -134,34 +133,17 @@ def test_repeated_tokens_give_the_same_attention():
 
 # ---------------------------------------------------------------- the session on a tiny UNet
 
-CTX, T_TEXT = 32, 12
+T_TEXT = 12
 GROUPS_1 = ((2, 3), (5,))  # character 1: two regions
 GROUPS_2 = ((2, 3), (8,))  # character 2: shares the first region phrase
 SUBJECTS = ((1,), (10,))
 GROUPS = GROUPS_1 + GROUPS_2 + SUBJECTS  # the map columns: region phrases, then subjects
 
 
-@pytest.fixture(scope="module")
-def unet():
-    return sd15_unet(32, CTX, seed=11)
-
-
-@pytest.fixture(scope="module")
-def layers(unet):
-    return find_attn2_layers(unet)
-
-
-def _adapter(layers, seed, tokens=4, regions=2):
-    gen = torch.Generator().manual_seed(seed)
-    ip = [(torch.randn(l.inner_dim, CTX, generator=gen) / CTX ** 0.5,
-           torch.randn(l.inner_dim, CTX, generator=gen) / CTX ** 0.5) for l in layers]
-    return ip, torch.randn(regions, tokens, CTX, generator=gen), torch.randn(tokens, CTX, generator=gen)
-
-
 def _characters(layers, tokens=(4, 4), **second):
-    one = CharacterTokens(*_adapter(layers, 12, tokens[0]), FusionConfig(
+    one = CharacterTokens(*random_adapter(layers, 12, tokens[0], regions=2), FusionConfig(
         weight=0.8, region_weights=(1.0, 0.7), subject=True))
-    two = CharacterTokens(*_adapter(layers, 13, tokens[1]), FusionConfig(**{
+    two = CharacterTokens(*random_adapter(layers, 13, tokens[1], regions=2), FusionConfig(**{
         **dict(weight=1.0, region_weights=(1.0, 1.2), subject=True), **second}))
     return one, two
 
@@ -370,41 +352,37 @@ def test_xyz_overrides_reach_character_1_and_each_characters_weight():
 def test_character_logits_give_the_layout(seed, mode):
     """fused_logits' columns [background, regions, subjects] -> character_logits -> softmax / one-hot
     is character_layout's masks (the sampling loop's form of the same formula)."""
-    from charadapter.masks import MAP_FLOOR, character_logits, fused_logits, one_hot_last
-
     counts, tau, beta = [3, 2, 0], 0.1, 0.4
     gen = torch.Generator().manual_seed(seed)
     maps = torch.rand(2, 5 + 3, N, generator=gen)  # (I, regions + subjects, N)
     reference = character_layout(maps[:, 5:], maps[:, :5], counts, mode, tau, beta)  # (I, P+1, N)
-    channels_last = torch.cat([torch.zeros(2, N, 1), maps.transpose(1, 2)], dim=-1) + MAP_FLOOR  # (I, N, 1+M)
-    bias = torch.zeros(1 + 8)
-    bias[0] = beta / tau
-    logits = character_logits(fused_logits(channels_last, bias, tau)[0], counts, [6, 7, 8], mode, tau)
-    got = torch.softmax(logits, dim=-1) if mode == "soft" else one_hot_last(logits, torch.float32)
-    assert got.shape == (2, N, 7)
-    if mode == "soft":
-        assert torch.allclose(got.transpose(1, 2), reference, atol=1e-5)
-    else:
-        assert torch.equal(got.transpose(1, 2), reference)
+    _assert_loop_layout(maps, counts, [6, 7, 8], mode, tau, beta, reference)
 
 
 @pytest.mark.parametrize("mode", ["soft", "hard"])
 def test_character_logits_without_a_subject_phrase(mode):
     """A character whose config has no subject phrase gets no map column: its figure logit is 0,
     as character_layout's all-zero subject map gives it."""
-    from charadapter.masks import MAP_FLOOR, character_logits, fused_logits, one_hot_last
-
     counts, tau, beta = [2, 0, 3], 0.1, 0.4
     gen = torch.Generator().manual_seed(7)
     maps = torch.rand(2, 5 + 2, N, generator=gen)  # (I, regions + subjects of characters 1 and 3, N)
     subject_maps = torch.stack([maps[:, 5], torch.zeros(2, N), maps[:, 6]], dim=1)  # (I, K, N)
     reference = character_layout(subject_maps, maps[:, :5], counts, mode, tau, beta)  # (I, P+1, N)
-    channels_last = torch.cat([torch.zeros(2, N, 1), maps.transpose(1, 2)], dim=-1) + MAP_FLOOR  # (I, N, 1+M)
-    bias = torch.zeros(1 + 7)
+    _assert_loop_layout(maps, counts, [6, None, 7], mode, tau, beta, reference)
+
+
+def _assert_loop_layout(maps, counts, subject_columns, mode, tau, beta, reference):
+    """The sampling loop's channels-last layout (fused_logits, character_logits, softmax or
+    one-hot) of maps (I, M, N) equals `reference` (I, P+1, N) from character_layout."""
+    from charadapter.masks import MAP_FLOOR, character_logits, fused_logits, one_hot_last
+
+    images, columns, _ = maps.shape
+    channels_last = torch.cat([torch.zeros(images, N, 1), maps.transpose(1, 2)], dim=-1) + MAP_FLOOR  # (I, N, 1+M)
+    bias = torch.zeros(1 + columns)
     bias[0] = beta / tau
-    logits = character_logits(fused_logits(channels_last, bias, tau)[0], counts, [6, None, 7], mode, tau)
+    logits = character_logits(fused_logits(channels_last, bias, tau)[0], counts, subject_columns, mode, tau)
     got = torch.softmax(logits, dim=-1) if mode == "soft" else one_hot_last(logits, torch.float32)
-    assert got.shape == (2, N, 7)
+    assert got.shape == (images, N, reference.shape[1])
     if mode == "soft":
         assert torch.allclose(got.transpose(1, 2), reference, atol=1e-5)
     else:

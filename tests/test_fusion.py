@@ -8,32 +8,14 @@ from charadapter.hooks import HookSession, RegionState, plan_region_hooks
 from charadapter.attention import ip_keys_values
 from charadapter.layers import find_attn2_layers
 from charadapter.reference import noise_latent, segment_reference
+from fusion_fixtures import CTX, adapter, layers, unet  # noqa: F401  (fixtures by name)
 from tiny_unet import sd15_unet
 
-CTX = 32
 LATENT = (8, 8)
 T_TEXT = 12
 GROUPS = ((2, 3), (5,), (8, 9))
 
 
-@pytest.fixture(scope="module")
-def unet():
-    return sd15_unet(32, CTX, seed=11)
-
-
-@pytest.fixture(scope="module")
-def layers(unet):
-    return find_attn2_layers(unet)
-
-
-@pytest.fixture(scope="module")
-def adapter(layers):
-    gen = torch.Generator().manual_seed(12)
-    ip = [(torch.randn(l.inner_dim, CTX, generator=gen) / CTX ** 0.5,
-           torch.randn(l.inner_dim, CTX, generator=gen) / CTX ** 0.5) for l in layers]
-    tokens = torch.randn(3, 4, CTX, generator=gen)  # (R, T, C)
-    negative = torch.randn(4, CTX, generator=gen)  # (T, C)
-    return ip, tokens, negative
 
 
 def inputs(rows, seed=13):
