@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
