@@ -395,7 +395,12 @@ def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--teacher-forced" in argv:  # the teacher-forced evaluation has its own options (toyworld.teacher)
         argv.remove("--teacher-forced")
-        teacher.main(argv)
+        if "--two-characters" in argv:  # item 5: cross-character bleed (toyworld.two_characters)
+            argv.remove("--two-characters")
+            from . import two_characters
+            two_characters.main(argv)
+        else:
+            teacher.main(argv)
         return
     parser = argparse.ArgumentParser(description="Toy-world ablation of Character-Adapter "
                                                  "(--teacher-forced: the teacher-forced evaluation, see --teacher-forced -h)")
