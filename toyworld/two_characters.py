@@ -121,17 +121,37 @@ def run_two(world: World, setting: TwoSetting, first: Tokens, second: Tokens, a_
     return eps, layout
 
 
+def figure_accuracy(layout: torch.Tensor, batch: Batch) -> np.ndarray:
+    """(B, 2) share of figure A's (B's) true pixels where the layout's argmax is one of A's (B's)
+    pairs: whether the subject maps tell the two figures apart."""
+    h, w = batch.masks.shape[-2:]
+    winner = layout.argmax(dim=1).reshape(-1, h, w).numpy()  # (B, H, W): 0 background, 1-3 A, 4-6 B
+    out = np.zeros((winner.shape[0], 2))
+    for f, (lo, hi) in enumerate(((1, 3), (4, 6))):
+        figure = batch.masks[:, list(A if f == 0 else B)].any(axis=1)  # (B, H, W)
+        hit = (winner >= lo) & (winner <= hi) & figure
+        out[:, f] = hit.sum(axis=(1, 2)) / np.maximum(figure.sum(axis=(1, 2)), 1)
+    return out
+
+
 def evaluate(world: World, pairs: int = 10, targets: int = 1, seeds: int = 2, timesteps: Sequence[int] = TIMESTEPS,
-             settings: Sequence[TwoSetting] = SETTINGS, resamples: int = 1000, noise_seed: int = 0, log=print) -> Dict:
-    """Errors of every setting with B's right and B's changed reference, then gains, bleed and intervals."""
+             settings: Sequence[TwoSetting] = SETTINGS, resamples: int = 1000, noise_seed: int = 0,
+             replacement: str = "changed", log=print) -> Dict:
+    """Errors of every setting with B's right and B's changed reference, then gains, bleed and intervals;
+    `replacement`: B's wrong reference is B's picture with every region changed ("changed") or
+    another held-out character's reference ("other", a diagnostic: may share colours with B or A)."""
     start = time.time()
     if settings[0].name != BASELINE:
         raise ValueError(f"the settings must start with {BASELINE!r}: the gains are measured from it")
     chosen = [s for s in settings if s.adapter != "none"]
+    if replacement not in ("changed", "other"):
+        raise ValueError(f"replacement: 'changed' or 'other', got {replacement!r}")
     refs = references(2 * pairs, offset=50_000)  # A_i = refs[2i], B_i = refs[2i + 1]
+    others = references(pairs, offset=70_000) if replacement == "other" else None
     errors: Dict[str, List[np.ndarray]] = {s.name: [] for s in settings}  # per pair (rows, 7)
     wrong: Dict[str, List[np.ndarray]] = {s.name: [] for s in chosen}
     ious: Dict[str, List[np.ndarray]] = {s.name: [] for s in chosen if s.adapter == "regions" and s.layout == "dynamic"}
+    figures: Dict[str, List[np.ndarray]] = {name: [] for name in ious}
     batch = None
     for index in range(pairs):
         ref_a, ref_b = refs[2 * index], refs[2 * index + 1]
@@ -140,26 +160,28 @@ def evaluate(world: World, pairs: int = 10, targets: int = 1, seeds: int = 2, ti
         scenes = [two_figure_scene(ref_a.character, ref_b.character, a_side, rng) for _ in range(targets)]
         batch = make_batch(scenes, [noise_seed + 1000 * index + j for j in range(seeds)], timesteps)
         tok_a, tok_b = encode_reference(world, ref_a), encode_reference(world, ref_b)
-        tok_b_wrong = encode_reference(world, changed_everywhere(ref_b))
+        tok_b_wrong = encode_reference(world, changed_everywhere(ref_b) if others is None else others[index])
         cache: Dict[str, torch.Tensor] = {}
         for setting in settings:
             eps, layout = run_two(world, setting, tok_a, tok_b, a_side, batch, cache)
             errors[setting.name].append(region_errors(eps, batch))
             if setting.name in ious:
                 ious[setting.name].append(layout_iou(layout, batch))
+                figures[setting.name].append(figure_accuracy(layout, batch))
             if setting.adapter != "none":
                 eps, _ = run_two(world, setting, tok_a, tok_b_wrong, a_side, batch, cache)
                 wrong[setting.name].append(region_errors(eps, batch))
         log(f"pair {index + 1}/{pairs} done ({time.time() - start:.0f} s)")
     if batch is None:
         raise ValueError("no pairs to evaluate")
-    return summarise(settings, errors, wrong, ious, make_units(batch, pairs), batch.step, resamples,
+    return summarise(settings, errors, wrong, ious, figures, make_units(batch, pairs), batch.step, resamples,
                      config=dict(pairs=pairs, targets=targets, seeds=seeds, timesteps=list(timesteps),
-                                 resamples=resamples, noise_seed=noise_seed, map_levels=list(MAP_LEVELS)),
+                                 resamples=resamples, noise_seed=noise_seed, map_levels=list(MAP_LEVELS),
+                                 replacement=replacement),
                      seconds=time.time() - start)
 
 
-def summarise(settings, errors, wrong, ious, units: np.ndarray, step: np.ndarray, resamples: int, config: Dict,
+def summarise(settings, errors, wrong, ious, figures, units: np.ndarray, step: np.ndarray, resamples: int, config: Dict,
               seconds: float) -> Dict:
     pairs = units.shape[0]
     err = {k: np.stack(v) for k, v in errors.items()}  # (pairs, rows, 7)
@@ -198,6 +220,8 @@ def summarise(settings, errors, wrong, ious, units: np.ndarray, step: np.ndarray
             out["paired"][f"{a} - {b}"] = {k: {"value": round(float(p), 4), "lo": round(float(l), 4),
                                                "hi": round(float(h), 4)} for k, p, l, h in zip(keys, point, lo, hi)}
     out["layout_iou"] = {k: [round(float(v), 3) for v in np.mean(np.stack(v), axis=(0, 1))] for k, v in ious.items()}
+    out["figure_accuracy"] = {k: [round(float(v), 3) for v in np.mean(np.stack(v), axis=(0, 1))]
+                              for k, v in figures.items()}
     out["seconds"] = round(seconds, 1)
     return out
 
@@ -218,6 +242,8 @@ def table(result: Dict) -> str:
     for name, v in result["layout_iou"].items():
         lines.append(f"\nLayout IoU ({name}; bg, A face/jacket/trousers, B face/jacket/trousers): "
                      + " / ".join(f"{x:.2f}" for x in [v[-1]] + v[:-1]))
+    for name, v in result["figure_accuracy"].items():
+        lines.append(f"Figure pixels given to their own character's regions ({name}): A {v[0]:.2f}, B {v[1]:.2f}")
     return "\n".join(lines)
 
 
@@ -235,13 +261,15 @@ def main(argv=None) -> None:
     parser.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)))
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
     parser.add_argument("--noise-seed", type=int, default=0, help="shifts every noise seed")
+    parser.add_argument("--replacement", choices=("changed", "other"), default="changed",
+                        help="B's wrong reference: every region changed, or another held-out character")
     parser.add_argument("--weights", default=WEIGHTS)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     result = evaluate(World(args.weights), pairs=args.pairs, targets=args.targets, seeds=args.seeds,
                       timesteps=[int(v) for v in args.timesteps.split(",")], resamples=args.resamples,
-                      noise_seed=args.noise_seed)
+                      noise_seed=args.noise_seed, replacement=args.replacement)
     print(table(result))
     print(f"({result['seconds']} s)")
     print(json.dumps({"two_characters": True, **result}, sort_keys=True))
