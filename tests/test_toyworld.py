@@ -363,7 +363,7 @@ def test_two_characters_runs_on_one_pair_with_finite_numbers():
         for key, cell in cells.items():
             assert all(math.isfinite(cell[k]) for k in ("value", "lo", "hi")), (name, key, cell)
             assert cell["lo"] <= cell["hi"]
-    assert len(result["paired"]) == 2
+    assert len(result["paired"]) == 3
     assert all(0.0 <= v <= 1.0 for v in result["figure_accuracy"]["per-character CA soft"])
     assert len(result["layout_iou"]["per-character CA soft"]) == 7  # A's three, B's three, background
     measured, tolerance = MEASURED_TWO_B_OWN_TRUE

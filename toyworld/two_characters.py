@@ -42,6 +42,7 @@ class TwoSetting:
     adapter: str  # "none" | "global" (one whole-reference region each) | "regions" (three regions each)
     subject: bool = True  # each character confined by its subject phrase's map
     layout: str = "dynamic"  # "dynamic" (the image's own maps) | "true" (the target's masks, the ceiling)
+    alone: bool = False  # A's adapter only (B has none): what B's right reference does to A, by difference
 
 
 BASELINE = "no adapter"
@@ -53,6 +54,7 @@ SETTINGS = (
     # no subject maps: character_logits gives each global character an even 1/2 share everywhere,
     # so both references' tokens are added at every position (the unconfined mix)
     TwoSetting("two global adapters, unconfined", "global", subject=False),
+    TwoSetting("A's adapter alone, true masks", "regions", layout="true", alone=True),  # a diagnostic
 )
 
 
@@ -94,6 +96,8 @@ def run_two(world: World, setting: TwoSetting, first: Tokens, second: Tokens, a_
     if setting.adapter == "none":
         return model.apply_model(x, t, cond), None
     regions = setting.adapter == "regions"
+    if setting.alone:
+        return run_alone(world, first, batch, x, t, cond), None
     config = FusionConfig(weight=1.0, region_weights=(1.0,) * len(data.REGIONS) if regions else (),
                           mode="soft", temperature=0.1, background=0.4, map_levels=MAP_LEVELS,
                           subject=setting.subject)
@@ -134,6 +138,23 @@ def figure_accuracy(layout: torch.Tensor, batch: Batch) -> np.ndarray:
     return out
 
 
+def run_alone(world: World, first: Tokens, batch: Batch, x: torch.Tensor, t: torch.Tensor,
+              cond: torch.Tensor) -> torch.Tensor:
+    """eps with A's three region tokens on A's true masks only; B's figure counts as background."""
+    config = FusionConfig(weight=1.0, region_weights=(1.0,) * len(data.REGIONS), mode="soft", temperature=0.1,
+                          background=0.4, map_levels=MAP_LEVELS)
+    true = batch.layouts  # (B, 7, N): background, A's regions, B's regions
+    layout = torch.cat([true[:, :1] + true[:, 4:].sum(dim=1, keepdim=True), true[:, 1:4]], dim=1)  # (B, 4, N)
+    n = x.shape[0]
+    plan = RowPlan(is_cond=(True,) * n, image=tuple(range(n)), token_groups=((),) * n)
+    with FusionSession(world.unet, world.layers, world.ip, first.regions.cond, first.regions.negative,
+                       config) as fusion:
+        fusion.begin_pass(tuple(x.shape[-2:]), 2)
+        fusion.fix_layout(layout)
+        fusion.begin_step(0, plan)
+        return world.model.apply_model(x, t, cond)
+
+
 def evaluate(world: World, pairs: int = 10, targets: int = 1, seeds: int = 2, timesteps: Sequence[int] = TIMESTEPS,
              settings: Sequence[TwoSetting] = SETTINGS, resamples: int = 1000, noise_seed: int = 0,
              replacement: str = "changed", log=print) -> Dict:
@@ -168,7 +189,9 @@ def evaluate(world: World, pairs: int = 10, targets: int = 1, seeds: int = 2, ti
             if setting.name in ious:
                 ious[setting.name].append(layout_iou(layout, batch))
                 figures[setting.name].append(figure_accuracy(layout, batch))
-            if setting.adapter != "none":
+            if setting.alone:  # B has no adapter: its reference changes nothing
+                wrong[setting.name].append(errors[setting.name][-1])
+            elif setting.adapter != "none":
                 eps, _ = run_two(world, setting, tok_a, tok_b_wrong, a_side, batch, cache)
                 wrong[setting.name].append(region_errors(eps, batch))
         log(f"pair {index + 1}/{pairs} done ({time.time() - start:.0f} s)")
@@ -211,7 +234,8 @@ def summarise(settings, errors, wrong, ious, figures, units: np.ndarray, step: n
     names = [s.name for s in settings]
     out["paired"] = {}
     for a, b in (("per-character CA soft", "two global adapters, unconfined"),
-                 ("per-character CA soft", "two global adapters, subjects")):
+                 ("per-character CA soft", "two global adapters, subjects"),
+                 ("per-character CA soft, true masks", "A's adapter alone, true masks")):
         if a in names and b in names:
             def diff(picks, a=a, b=b):
                 return stat(a)(picks) - stat(b)(picks)
@@ -255,8 +279,8 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m toyworld.evaluate --teacher-forced --two-characters",
                                      description="Teacher-forced cross-character bleed of per-character fusion")
-    parser.add_argument("--pairs", type=int, default=10, help="reference pairs (A, B) of held-out characters")
-    parser.add_argument("--targets", type=int, default=1, help="two-figure target scenes per pair")
+    parser.add_argument("--pairs", type=int, default=48, help="reference pairs (A, B) of held-out characters")
+    parser.add_argument("--targets", type=int, default=2, help="two-figure target scenes per pair")
     parser.add_argument("--seeds", type=int, default=2, help="noise seeds per target")
     parser.add_argument("--timesteps", default=",".join(map(str, TIMESTEPS)))
     parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples")
