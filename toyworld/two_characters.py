@@ -77,8 +77,7 @@ def changed_everywhere(reference: Reference) -> Reference:
     character = reference.character
     for index, region in enumerate(data.REGIONS):
         character = data.with_other(character, region, np.random.default_rng([reference.seed, 7, index]))
-    other = Reference(character, reference.layout, reference.seed)
-    return other
+    return Reference(character, reference.layout, reference.seed)
 
 
 @torch.no_grad()
