@@ -80,8 +80,7 @@ def encode_reference(sd_model, image: Image.Image, phrases: Sequence[str], times
     The UNet pass runs before the image encoder is loaded, so the two never share memory on a
     first run; an encoder already loaded is checked against the adapter before the pass."""
     clip = ENCODER_CACHE.get(encoder_path)
-    if clip is not None:
-        RegionEncoder(weights, clip)  # a mismatched pair stops before the pass
+    encoder = None if clip is None else RegionEncoder(weights, clip)  # a mismatched pair stops before the pass
     segmentation = boxes = None
     empty: List[str] = []
     if phrases:
@@ -92,9 +91,10 @@ def encode_reference(sd_model, image: Image.Image, phrases: Sequence[str], times
         empty = [phrase for phrase, e in zip(phrases, segmentation.empty) if e]
     else:
         crops = [image]
-    with progress("Character-Adapter: loading the image encoder"):
-        clip = ENCODER_CACHE.get_or_create(encoder_path, lambda: load_clip_vision(encoder_path))
-        encoder = RegionEncoder(weights, clip)
+    if encoder is None:
+        with progress("Character-Adapter: loading the image encoder"):
+            clip = ENCODER_CACHE.get_or_create(encoder_path, lambda: load_clip_vision(encoder_path))
+            encoder = RegionEncoder(weights, clip)
     with progress("Character-Adapter: encoding the reference"):
         tokens = encode_on_device(sd_model, encoder, crops)
     return Reference(tokens, segmentation, boxes, tuple(empty))
