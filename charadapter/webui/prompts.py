@@ -146,6 +146,7 @@ class PhraseFinder:
     found: Dict[str, TokenGroups] = field(default_factory=dict)
     missing: Set[str] = field(default_factory=set)
     bank_entries: Optional[TokenGroups] = None  # per mapped phrase: its own tokens in the phrase bank
+    token_counts: Dict[str, int] = field(default_factory=dict)  # phrase -> tokens it encodes into alone
 
     def positions(self, sd_model, text: str) -> TokenGroups:
         """Token positions of each mapped phrase in `text` (host tokenizer); () = absent."""
@@ -169,12 +170,19 @@ class PhraseFinder:
             kinds = []
             for text in texts:
                 kind = IN_PROMPT if self.positions(sd_model, text)[r] else FROM_PHRASE
-                if kind == FROM_PHRASE and not phrase_token_count(sd_model, self.phrases[r]):
+                if kind == FROM_PHRASE and not self.token_count(sd_model, self.phrases[r]):
                     kind = NOT_LOCATED
                 if kind not in kinds:
                     kinds.append(kind)
             out.append(" / ".join(kinds) or NOT_LOCATED)
         return tuple(out)
+
+    def token_count(self, sd_model, phrase: str) -> int:
+        """phrase_token_count, once per phrase (asked per region, text and image)."""
+        count = self.token_counts.get(phrase)
+        if count is None:
+            count = self.token_counts[phrase] = phrase_token_count(sd_model, phrase)
+        return count
 
     def warn_missing(self, p, first: TokenGroups) -> None:
         """Once per phrase: a phrase with no map columns in an image's first rows (a phrase that
