@@ -219,7 +219,6 @@ class FusionSession:
                                           for (k0, v0), (k1, v1) in zip(kv, part)]
         weights = [torch.tensor(c.region_weights or (1.0,), dtype=torch.float32) * c.weight for c in self.characters]
         self._weights = weights[0] if len(weights) == 1 else torch.cat(weights)  # (P,): w_k * w_kj
-        self._active: Tuple[bool, ...] = (True,) * len(characters)  # characters in their window this step
         chosen = [] if self.global_only else map_layers(self.layers, config.map_levels)
         self._map_levels = sorted({layer.level for layer in chosen})
         self.state = RegionState(
@@ -237,6 +236,7 @@ class FusionSession:
         self.total_steps = 1
         self.step = 0
         self.plan: Optional[RowPlan] = None
+        self._active: Tuple[bool, ...] = self._window_flags()  # characters in their window this step
         self._cursor = 0
         self._call_rows: List[int] = []
         self._map_picks: List[Tuple[int, int]] = []  # (row among the call's map rows, image) to add up
@@ -332,6 +332,7 @@ class FusionSession:
         self.total_steps = max(int(total_steps), 1)
         self.step = 0
         self.plan = None
+        self._active = self._window_flags()
         self._canvas = None
         self._coef = {}
         self.state.forget_bank_keys()  # projected with this pass's weights when first needed
@@ -350,8 +351,7 @@ class FusionSession:
         self.step = int(step)
         self.plan = plan
         self._cursor = 0
-        fraction = self.step / self.total_steps
-        self._active = tuple(c.weight > 0 and c.start <= fraction < c.end for c in self.characters)
+        self._active = self._window_flags()
 
     def fix_layout(self, layout: Optional[torch.Tensor]) -> None:
         """Hold the layout at `layout` (I, R+1, N_latent), background first (the `masks` form),
@@ -371,11 +371,15 @@ class FusionSession:
         self._logits = self._logits_rows = None
         self._coef = {}
 
+    def _window_flags(self) -> Tuple[bool, ...]:
+        """Per character: its term applies at this step (weight > 0, within its start/end fractions)."""
+        fraction = self.step / self.total_steps
+        return tuple(c.weight > 0 and c.start <= fraction < c.end for c in self.characters)
+
     @property
     def in_window(self) -> bool:
-        """Some character's term applies at this step (its start/end fractions)."""
-        fraction = self.step / self.total_steps
-        return any(c.weight > 0 and c.start <= fraction < c.end for c in self.characters)
+        """Some character's term applies at this step (read per UNet call: made once per step)."""
+        return any(self._active)
 
     @property
     def collecting(self) -> bool:
