@@ -107,15 +107,23 @@ def build_unet(config: dict, device: torch.device, dtype: torch.dtype, seed: int
     return unet
 
 
-def _sdp_forward(self, x, context=None, mask=None, **kwargs):
-    """The WebUI's default attention on torch 2 ("sdp"): projections through the submodules, one SDPA."""
-    heads = self.heads
-    context = x if context is None else context
-    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-    batch, positions, width = q.shape
-    q, k, v = (t.view(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, N|T, D)
-    out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, positions, width)
-    return self.to_out[1](self.to_out[0](out))
+def sdp_forward(sdpa=F.scaled_dot_product_attention):
+    """The WebUI's default attention on torch 2 ("sdp") as a CrossAttention forward: projections
+    through the submodules, then `sdpa` over (B, H, N|T, D)."""
+
+    def forward(self, x, context=None, mask=None, **kwargs):
+        heads = self.heads
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        batch, positions, width = q.shape
+        q, k, v = (t.view(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, N|T, D)
+        out = sdpa(q, k, v).transpose(1, 2).reshape(batch, positions, width)  # (B, N, C)
+        return self.to_out[1](self.to_out[0](out))
+
+    return forward
+
+
+_sdp_forward = sdp_forward()
 
 
 @contextlib.contextmanager

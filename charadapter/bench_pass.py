@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from .bench import GROUPS, SD15, TEXT_TOKENS, Adapter, Runner, _import_unet
+from .bench import GROUPS, SD15, TEXT_TOKENS, Adapter, Runner, _import_unet, sdp_forward
 from .geometry import downsampled_hw
 from .hooks import HookSession, RegionState, plan_region_hooks
 from .layers import DEFAULT_MAP_LEVELS, find_attn2_layers, map_layers
@@ -96,14 +96,7 @@ def _blocked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
                       for i in range(0, q.shape[-2], QUERY_BLOCK)], dim=-2)
 
 
-def _cross_attention(self, x, context=None, mask=None, **kwargs):
-    heads = self.heads
-    context = x if context is None else context
-    q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-    batch, positions, width = q.shape
-    q, k, v = (t.view(batch, -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))  # (B, H, N|T, D)
-    out = _blocked_sdpa(q, k, v).transpose(1, 2).reshape(batch, positions, width)  # (B, N, C)
-    return self.to_out[1](self.to_out[0](out))
+_cross_attention = sdp_forward(_blocked_sdpa)  # ldm's CrossAttention, queries in blocks
 
 
 def _vae_attention(self, x):

@@ -14,7 +14,6 @@ import os
 import time
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
