@@ -2,7 +2,8 @@
 #   main   Python 3.11, current libraries   requirements-dev.in   -> requirements-dev.txt   + requirements-nodeps.txt
 #   webui  the WebUI v1.10.1's own: Python 3.10, torch 2.1.2, transformers 4.30.2, pydantic 1, ...
 #                                           requirements-webui.in -> requirements-webui.txt + requirements-webui-nodeps.txt
-# test_env NAME sets env_python, env_in, env_lock, env_nodeps (env_python empty: no such interpreter).
+# test_env NAME sets env_python, env_in, env_lock, env_nodeps (env_python empty: no such interpreter)
+# and env_disk_gb, the disk one run of it needs (venv, plus test files of up to ~1 GB at a time).
 
 find_python() {  # the first interpreter of version $1 (e.g. 3.10) that runs, else nothing
     local candidate
@@ -19,10 +20,10 @@ test_env() {
     case "$1" in
         main)
             env_python=$(find_python 3.11); env_in=requirements-dev.in
-            env_lock=requirements-dev.txt; env_nodeps=requirements-nodeps.txt ;;
+            env_lock=requirements-dev.txt; env_nodeps=requirements-nodeps.txt; env_disk_gb=3 ;;
         webui)
             env_python=$(find_python 3.10); env_in=requirements-webui.in
-            env_lock=requirements-webui.txt; env_nodeps=requirements-webui-nodeps.txt ;;
+            env_lock=requirements-webui.txt; env_nodeps=requirements-webui-nodeps.txt; env_disk_gb=7 ;;
         *)
             echo "unknown test environment '$1' (main or webui)" >&2
             return 2 ;;
