@@ -192,12 +192,12 @@ def test_trained_files_load_through_the_extensions_loaders_and_are_small():
 # words (the caption-swap control). Generation pins what the weak sampler gives: a fusion that
 # stops adding the region term (or adds it nowhere) has no "change" from the plain image.
 QUICK = dict(refs=4, prompts_per_ref=4, steps=20, seg_t=150, timesteps=(50, 150), quick=True, seg_refs=16)
-MEASURED_IOU = {"50": 0.488, "150": 0.526}  # mean over regions
-# re-measured with the retrained image side and the layout from the reference phrases (issue 12):
-# the adapter changes the picture 4x more than before
-MEASURED_CHANGE = {"IP-Adapter (global)": 0.042, "CA hard": 0.027, "CA soft t0.1 bg0.4": 0.026}  # mean |dpixel|
-MEASURED_COLOUR_ERR = {"no adapter": 0.985, "IP-Adapter (global)": 0.905, "CA soft t0.1 bg0.4": 0.959,
-                       "CA hard": 0.954}  # mean over face/jacket/trousers, RGB distance in 0..1 units
+MEASURED_IOU = {"50": 0.542, "150": 0.585}  # mean over regions
+# re-measured on the retrained weights of issue 12 (base 6000 steps, adapter 1200), the layout from the
+# reference phrases: the adapter changes the picture 1.5x more than the previous adapter (0.042)
+MEASURED_CHANGE = {"IP-Adapter (global)": 0.064, "CA hard": 0.048, "CA soft t0.1 bg0.4": 0.047}  # mean |dpixel|
+MEASURED_COLOUR_ERR = {"no adapter": 0.718, "IP-Adapter (global)": 0.462, "CA soft t0.1 bg0.4": 0.492,
+                       "CA hard": 0.519}  # mean over face/jacket/trousers, RGB distance in 0..1 units
 
 
 @pytest.fixture(scope="module")
@@ -226,11 +226,12 @@ def test_segmentation_finds_the_regions_from_the_16x16_maps(quick_run):
 @weights_needed
 def test_segmentation_follows_colour_words_not_garment_nouns(quick_run):
     """The colour confound, pinned: swapping the garments' colour words swaps their masks, and
-    bare nouns find almost nothing. A model that grounds nouns would fail this (then re-measure)."""
+    bare nouns find almost nothing. A model that grounds nouns would fail this (then re-measure).
+    Measured on these 15: 0.44 with the other garment, 0.10 with the true one."""
     seg = quick_run["segmentation"]
     assert seg["swap"]["n"] == 15
-    assert seg["swap"]["garment_iou_with_other_garment"] >= 0.45
-    assert seg["swap"]["garment_iou_with_true_region"] <= 0.1
+    assert seg["swap"]["garment_iou_with_other_garment"] >= 0.35
+    assert seg["swap"]["garment_iou_with_true_region"] <= 0.2
     assert seg["noun_only"]["mean"] <= 0.15
 
 
@@ -266,9 +267,11 @@ def test_the_generation_judge_scores_true_renders_high_and_other_characters_low(
 
 @weights_needed
 def test_a_smaller_reference_pass_loses_what_its_grid_explains():
-    """toyworld.pass_size (README "Reference pass"): at a quarter of the toy's native area the masks
-    lose about what ideal maps on the same grid lose (48 references, T 150: -0.215 vs -0.219), so
-    the grid, not the model's attention, sets how small a pass can be."""
+    """toyworld.pass_size (README "Reference pass"): at about half of the toy's native area (24 px)
+    the masks lose about what ideal maps on the same grid lose (48 references, T 150: -0.108 vs
+    -0.087), at a quarter (16 px) more than that (-0.317 vs -0.219), so a pass may shrink as far
+    as its grid allows and no further. These 8 references: 24 px -0.128 vs -0.080, 16 px -0.361
+    vs -0.195."""
     from toyworld import pass_size
     from toyworld.evaluate import MAP_LEVELS, TextWorld
     from toyworld.model import WEIGHTS, load_sd
@@ -276,19 +279,25 @@ def test_a_smaller_reference_pass_loses_what_its_grid_explains():
     world = TextWorld(load_sd(WEIGHTS), MAP_LEVELS)
     samples = data.held_out(8)
     native, _ = pass_size.per_reference(world, samples, data.SIZE, 150)
-    small, _ = pass_size.per_reference(world, samples, data.SIZE // 2, 150)
-    drop = small.mean() - native.mean()
-    grid_drop = pass_size.oracle(samples, data.SIZE // 2).mean() - pass_size.oracle(samples, data.SIZE).mean()
-    assert drop < -0.1 and grid_drop < -0.1
-    assert abs(drop - grid_drop) < 0.1, (drop, grid_drop)
+    grid_native = pass_size.oracle(samples, data.SIZE).mean()
+    drops = {}
+    for side in (24, 16):
+        small, _ = pass_size.per_reference(world, samples, side, 150)
+        drops[side] = (small.mean() - native.mean(), pass_size.oracle(samples, side).mean() - grid_native)
+    drop, grid_drop = drops[24]
+    assert drop < -0.05 and grid_drop < -0.05
+    assert abs(drop - grid_drop) < 0.1, drops
+    drop, grid_drop = drops[16]
+    assert grid_drop < -0.1 and drop <= grid_drop + 0.02, drops
 
 
 @weights_needed
 def test_a_prompt_naming_no_region_locates_the_regions_from_their_phrases():
     """Issue 14 on the committed weights (README "Toy world"): with a prompt that names no region,
     the layout from the phrases alone is as good as with the phrases in the prompt, and far
-    better than the even split it had before. Measured on 48 references: +0.02 vs prompt at
-    t=100; these 6 references at t=100 gave prompt 0.518, from the phrase 0.535, none 0.017."""
+    better than the even split it had before. Measured on 48 references: -0.009 (-0.036, +0.020)
+    vs prompt at t=100, +0.011 over all t; these 6 references at t=100 gave prompt 0.670, from the
+    phrase 0.697, none 0.017."""
     from toyworld.phrase_layout import run
 
     result = run(refs=6, timesteps=(100,), conditions=("prompt", "phrase", "none"), threads=1)["hard"]
@@ -303,11 +312,11 @@ def test_a_prompt_naming_no_region_locates_the_regions_from_their_phrases():
 TEACHER_QUICK = dict(refs=3, targets=1, seeds=1, timesteps=(300, 500, 700), confusion=("jacket",), resamples=50,
                      names=("no adapter", "IP-Adapter (global)", "CA soft t0.1", "CA soft, true masks",
                             "CA soft, layout from the prompt's nouns"))
-MEASURED_TF_FIGURE = {"IP-Adapter (global)": (-0.0242, 0.031), "CA soft t0.1": (0.0243, 0.035),
-                      "CA soft, true masks": (0.0284, 0.038), "CA soft, layout from the prompt's nouns": (0.0134, 0.026)}
-MEASURED_TF_LAYOUT = {"CA soft t0.1": (0.432, 0.13), "CA soft, layout from the prompt's nouns": (0.055, 0.022)}
-MEASURED_TF_BLEED = {"IP-Adapter (global)": (-0.0206, 0.073), "CA soft t0.1": (-0.0119, 0.021),
-                     "CA soft, true masks": (-0.0063, 0.035)}
+MEASURED_TF_FIGURE = {"IP-Adapter (global)": (0.0890, 0.052), "CA soft t0.1": (0.1002, 0.111),
+                      "CA soft, true masks": (0.1213, 0.098), "CA soft, layout from the prompt's nouns": (0.0800, 0.050)}
+MEASURED_TF_LAYOUT = {"CA soft t0.1": (0.637, 0.155), "CA soft, layout from the prompt's nouns": (0.081, 0.025)}
+MEASURED_TF_BLEED = {"IP-Adapter (global)": (0.0247, 0.161), "CA soft t0.1": (0.0071, 0.151),
+                     "CA soft, true masks": (0.0241, 0.158)}
 
 
 @pytest.fixture(scope="module")
@@ -320,15 +329,20 @@ def teacher_run():
 
 @weights_needed
 def test_teacher_forced_fidelity_layout_and_bleed_stay_where_measured(teacher_run):
-    """Region fusion, teacher-forced: soft fusion with the layout from the reference phrases lowers
-    the figure's error more than the plain IP-Adapter (every seed 0..4: +1.3 to +6.3 points), its
-    layout finds the regions where the prompt's bare nouns do not (0.38..0.48 vs 0.04..0.06), and a
-    reference wrong in the jacket raises the jacket's error (the region term reaches its region).
-    A fusion that adds nothing, or adds it in the wrong places, fails these."""
+    """Region fusion, teacher-forced: the plain adapter lowers the figure's error (every seed 0..4:
+    +6.6 to +10.9 %); soft fusion with the layout from the reference phrases lowers it more than with
+    the layout from the prompt's bare nouns and less than with the true masks (every seed: by
+    +1.8 to +10.1 and +1.3 to +2.9 points); its layout finds the regions where the nouns do not
+    (0.56..0.70 vs 0.06..0.08); and a reference wrong in the jacket raises the jacket's error (the
+    region term reaches its region; at seed 0). A fusion that adds nothing, or adds it in the wrong
+    places, fails these. Soft against the plain adapter is not pinned: the full evaluation puts
+    the difference at +0.6 points (-1.4, +2.5), and one seed of five has it below 0."""
     fidelity = teacher_run["fidelity"]
     for name, (measured, tolerance) in MEASURED_TF_FIGURE.items():
         assert abs(fidelity[name]["figure"] - measured) <= tolerance, (name, fidelity[name]["figure"])
-    assert fidelity["CA soft t0.1"]["figure"] > fidelity["IP-Adapter (global)"]["figure"]
+    assert fidelity["IP-Adapter (global)"]["figure"] > 0.03
+    soft = fidelity["CA soft t0.1"]["figure"]
+    assert fidelity["CA soft, layout from the prompt's nouns"]["figure"] < soft < fidelity["CA soft, true masks"]["figure"]
     layout = {name: float(np.mean(v[:3])) for name, v in teacher_run["layout_iou"].items()}
     for name, (measured, tolerance) in MEASURED_TF_LAYOUT.items():
         assert abs(layout[name] - measured) <= tolerance, (name, layout[name])
@@ -339,24 +353,25 @@ def test_teacher_forced_fidelity_layout_and_bleed_stay_where_measured(teacher_ru
     assert bleed["CA soft t0.1"]["jacket"]["own"] > 0.005
 
 
-# Two characters (issue 12 item 5): one pair, one target, one seed, t 300 / 500 / 700. B's own rise
-# under the true-mask ceiling over noise seeds 0..4: 0.085 / 0.093 / 0.086 / 0.097 / 0.053
-# (sd 0.017); pinned at seed 0 with 3 sd.
-MEASURED_TWO_B_OWN_TRUE = (0.0854, 0.051)
+# Two characters (issue 12 item 5): two pairs, one target, one seed, t 300 / 500 / 700. B's own rise
+# under per-character soft fusion (the runtime's layout) over noise seeds 0..4: 0.075 / 0.076 / 0.084 /
+# 0.070 / 0.046 (sd 0.014), pinned at seed 0 with 3 sd; under the true masks 0.14 / 0.03 / 0.17 / 0.09 /
+# 0.04, above 0 at every seed (one pair alone gave both signs).
+MEASURED_TWO_B_OWN_SOFT = (0.0747, 0.043)
 
 
 @weights_needed
-def test_two_characters_runs_on_one_pair_with_finite_numbers():
+def test_two_characters_runs_on_two_pairs_with_finite_numbers():
     """The two-character evaluation runs through FusionSession with two characters and returns every
     setting's gains, cross-bleed and B's own rise with intervals; B's reference reaches B (its own
-    rise under the true masks stays where measured, above 0): a second character whose tokens went
-    nowhere fails this."""
+    rise under soft fusion stays where measured, and is above 0 under the true masks too): a second
+    character whose tokens went nowhere fails this."""
     import math
 
     from toyworld.two_characters import SETTINGS, evaluate, table
     from toyworld.world import World
 
-    result = evaluate(World(), pairs=1, targets=1, seeds=1, resamples=20, log=lambda *a: None)
+    result = evaluate(World(), pairs=2, targets=1, seeds=1, resamples=20, log=lambda *a: None)
     assert set(result["settings"]) == {s.name for s in SETTINGS if s.adapter != "none"}
     for name, cells in result["settings"].items():
         assert set(cells) == {"gain_a", "gain_b", "bleed", "b_own"}
@@ -366,7 +381,8 @@ def test_two_characters_runs_on_one_pair_with_finite_numbers():
     assert len(result["paired"]) == 3
     assert all(0.0 <= v <= 1.0 for v in result["figure_accuracy"]["per-character CA soft"])
     assert len(result["layout_iou"]["per-character CA soft"]) == 7  # A's three, B's three, background
-    measured, tolerance = MEASURED_TWO_B_OWN_TRUE
-    own = result["settings"]["per-character CA soft, true masks"]["b_own"]["value"]
+    measured, tolerance = MEASURED_TWO_B_OWN_SOFT
+    own = result["settings"]["per-character CA soft"]["b_own"]["value"]
     assert own > 0 and abs(own - measured) <= tolerance, own
+    assert result["settings"]["per-character CA soft, true masks"]["b_own"]["value"] > 0
     assert "cross-bleed into A" in table(result)

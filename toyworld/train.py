@@ -395,11 +395,11 @@ def train_adapter(model, clip, steps: int, batch_size: int, out: str, lr: float 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-steps", type=int, default=1700)
+    parser.add_argument("--base-steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=24, help="batch of the base model's stage")
     parser.add_argument("--clip-steps", type=int, default=400)
     parser.add_argument("--clip-batch", type=int, default=32)
-    parser.add_argument("--adapter-steps", type=int, default=300)
+    parser.add_argument("--adapter-steps", type=int, default=1200)
     parser.add_argument("--adapter-batch", type=int, default=16)
     parser.add_argument("--adapter-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
