@@ -88,22 +88,16 @@ def _check_weights(weights: Optional[torch.Tensor], batch: int, regions: int) ->
     return w.reshape(-1, regions)  # (B or 1, R)
 
 
-def region_coefficients(
-    masks: Optional[torch.Tensor], weights: Optional[torch.Tensor], batch: int, regions: int, positions: int,
-    device: torch.device,
-) -> torch.Tensor:
-    """w_r * M_r as (B|1, N|1, R) float32; masks None means 1, weights None means 1."""
-    w = _check_weights(weights, batch, regions)
-    if w is not None:
-        w = w.to(device).view(-1, 1, regions)  # (B or 1, 1, R)
-    if masks is None:
-        return w if w is not None else torch.ones(1, 1, regions, device=device)
+def mask_coefficients(masks: torch.Tensor, batch: int, regions: int, positions: int, dtype: torch.dtype,
+                      device: torch.device) -> torch.Tensor:
+    """Region masks (B|1, R, N) as the region term's coefficients (B, N, R), contiguous, in `dtype`
+    (the region weights are folded into the values by `region_kv`)."""
     if masks.ndim != 3 or masks.shape[1] != regions or masks.shape[2] != positions or masks.shape[0] not in (1, batch):
         raise GeometryError(
             f"masks: expected (B={batch}, R={regions}, N={positions}), got {tuple(masks.shape)}"
         )
-    masks = masks.to(device=device, dtype=torch.float32).transpose(1, 2)  # (B, N, R)
-    return masks if w is None else masks * w
+    coef = masks.to(device=device, dtype=torch.float32).transpose(1, 2)  # (B|1, N, R)
+    return coef.expand(batch, positions, regions).to(dtype).contiguous()
 
 
 def _check_kv(q_shape: Tuple[int, ...], keys: torch.Tensor, values: torch.Tensor, heads: int):
@@ -218,13 +212,9 @@ def region_ip_delta(
     keys, values = _check_kv(tuple(q.shape), keys, values, heads)
     batch, positions, _ = q.shape
     regions = keys.shape[0]
-    _check_weights(weights, batch, regions)
     dtype = attention_dtype(q.dtype, q.device)
-    kv = region_kv(keys.to(dtype), values.to(dtype), heads, batch, weights)
-    coef = None
-    if masks is not None:
-        coef = region_coefficients(masks, None, batch, regions, positions, q.device)  # (B|1, N, R)
-        coef = coef.expand(batch, positions, regions).to(dtype).contiguous()  # (B, N, R)
+    kv = region_kv(keys.to(dtype), values.to(dtype), heads, batch, weights)  # checks the weights
+    coef = None if masks is None else mask_coefficients(masks, batch, regions, positions, dtype, q.device)
     return add_region_term(torch.zeros_like(q), q, kv, coef)
 
 

@@ -485,12 +485,8 @@ class FusionSession:
         key = ("uniform", shape, device, dtype)
         found = self._constants.get(key)
         if found is None:
-            if len(self.characters) > 1:  # each character 1/K, shared evenly among its pairs
-                found = character_prior_last(self.counts, shape, device, dtype)
-            else:
-                found = torch.full(shape, 1.0 / self.regions, dtype=dtype, device=device)
-                found[..., BACKGROUND] = 0.0
-            self._constants[key] = found
+            # each character 1/K, shared evenly among its pairs (one character: 1/R each); background 0
+            found = self._constants[key] = character_prior_last(self.counts, shape, device, dtype)
         return found
 
     def _map_target(self, hw: Size, rows: int) -> Optional[torch.Tensor]:

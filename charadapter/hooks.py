@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import (
-    RegionKV, add_region_term, attention_dtype, map_dtype, region_coefficients, region_kv, text_attention_raw,
+    RegionKV, add_region_term, attention_dtype, map_dtype, mask_coefficients, region_kv, text_attention_raw,
     text_map_values,
 )
 from .errors import CharacterAdapterError, GeometryError
@@ -443,8 +443,7 @@ class RegionState:
         masks = self.masks[tuple(hw)]
         if masks.shape[0] not in (1, batch):
             raise GeometryError(f"masks for grid {hw} have {masks.shape[0]} rows, the UNet call has B={batch}")
-        coef = region_coefficients(masks, None, batch, regions, positions, device)  # (B|1, N, R)
-        return coef.expand(batch, positions, regions).to(dtype).contiguous()  # (B, N, R)
+        return mask_coefficients(masks, batch, regions, positions, dtype, device)  # (B, N, R)
 
 
 class _Slot:

@@ -153,11 +153,9 @@ def character_prior(regions: Sequence[int], batch: int, positions: int,
                     device: Optional[torch.device] = None) -> torch.Tensor:
     """Even split before any map (B, P+1, N): each character 1/K, shared evenly among its pairs;
     background 0. One character: `uniform_masks`."""
-    counts = [max(int(r), 1) for r in regions]
-    if len(counts) == 1:
-        return uniform_masks(batch, counts[0], positions, device=device)
-    values = [0.0] + [1.0 / (len(counts) * c) for c in counts for _ in range(c)]
-    prior = torch.tensor(values, dtype=torch.float32, device=device)  # (P+1,)
+    if len(regions) == 1:
+        return uniform_masks(batch, max(int(regions[0]), 1), positions, device=device)
+    prior = torch.tensor(_prior_values(regions), dtype=torch.float32, device=device)  # (P+1,)
     return prior.view(1, -1, 1).expand(batch, -1, positions).contiguous()  # (B, P+1, N)
 
 
@@ -276,9 +274,13 @@ def character_logits(logits: torch.Tensor, counts: Sequence[int], subject_column
 def character_prior_last(regions: Sequence[int], shape: Tuple[int, ...], device: Optional[torch.device] = None,
                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """`character_prior` channels-last: (B, N, P+1) for shape (B, N, P+1)."""
+    return torch.tensor(_prior_values(regions), dtype=dtype, device=device).expand(shape).contiguous()  # (B, N, P+1)
+
+
+def _prior_values(regions: Sequence[int]) -> List[float]:
+    """The even split per channel: background 0, then each character's pairs 1/(K * its count)."""
     counts = [max(int(r), 1) for r in regions]
-    values = [0.0] + [1.0 / (len(counts) * c) for c in counts for _ in range(c)]
-    return torch.tensor(values, dtype=dtype, device=device).expand(shape).contiguous()  # (B, N, P+1)
+    return [0.0] + [1.0 / (len(counts) * c) for c in counts for _ in range(c)]
 
 
 def pyramid_channels_last(masks: torch.Tensor, latent_hw: Size, levels: Iterable[int]) -> Dict[Size, torch.Tensor]:

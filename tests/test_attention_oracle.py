@@ -269,7 +269,7 @@ def test_text_attention_probs():
 
 def test_add_region_term_adds_in_place_with_weights_in_the_values():
     """add_region_term(out) == out + region_ip_delta, written into out; region_kv keeps rows apart."""
-    from charadapter.attention import add_region_term, region_coefficients, region_ip_delta, region_kv
+    from charadapter.attention import add_region_term, mask_coefficients, region_ip_delta, region_kv
     gen = torch.Generator().manual_seed(9)
     q, base = torch.randn(2, 10, 24, generator=gen), torch.randn(2, 10, 24, generator=gen)
     keys, values = torch.randn(2, 2, 3, 24, generator=gen), torch.randn(2, 2, 3, 24, generator=gen)
@@ -278,7 +278,7 @@ def test_add_region_term_adds_in_place_with_weights_in_the_values():
     delta = region_ip_delta(q, keys, values, 3, masks, weights)
     kv = region_kv(keys, values, 3, weights=weights)
     assert kv.keys.shape == kv.values.shape == (2, 2 * 3, 3, 8)  # (B, R*H, T, D)
-    coef = region_coefficients(masks, None, 2, 2, 10, q.device).contiguous()  # (B, N, R)
+    coef = mask_coefficients(masks, 2, 2, 10, q.dtype, q.device)  # (B, N, R)
     out = base.clone()
     fused = add_region_term(out, q, kv, coef)
     assert fused is out and torch.allclose(fused, base + delta, atol=1e-6)

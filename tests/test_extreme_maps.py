@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from charadapter import hooks as hooks_module
 from charadapter.attention import (
-    add_region_term, attention_dtype, map_dtype, region_coefficients, region_ip_delta, region_kv, text_map_values,
+    add_region_term, attention_dtype, map_dtype, mask_coefficients, region_ip_delta, region_kv, text_map_values,
     text_maps,
 )
 from charadapter.fusion import CharacterTokens, FusionConfig, FusionSession, RowPlan
@@ -228,7 +228,7 @@ def test_region_term_with_extreme_masks_and_keys(kind, scale):
         delta = region_ip_delta(q, keys, values, heads, masks=masks, weights=torch.tensor([1.0, 0.0, 2.0]))
         assert delta.shape == q.shape and finite(delta)
         kv = region_kv(keys, values, heads, 2, weights=torch.full((regions,), 0.8))  # alpha 0.8 folded in
-        coef = region_coefficients(masks, None, 2, regions, 64, q.device)  # (B, N, R)
+        coef = mask_coefficients(masks, 2, regions, 64, q.dtype, q.device)  # (B, N, R)
         assert finite(add_region_term(torch.zeros_like(q), q, kv, coef))
 
 
