@@ -105,8 +105,7 @@ class Controller:
             if params.enabled:
                 params = params.with_overrides(cell_overrides(p))  # an X/Y/Z cell's values, set on its copy of p
         except CharacterAdapterError as err:
-            self.error, self.refused = str(err), isinstance(err, InputError)
-            return self._report(p)
+            return self._refuse(p, err)
         if not params.enabled:
             return None
         prepared: List[Prepared] = []
@@ -115,22 +114,19 @@ class Controller:
             try:
                 prepared.append(prepare(p, params, character, self.resolve_model))
             except CharacterAdapterError as err:
-                self.error, self.refused = _labelled(str(err), label), isinstance(err, InputError)
-                return self._report(p)
+                return self._refuse(p, err, label)
             except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
                 self._fail(f"preparing the reference{' of ' + character.label if label else ''}", err)
                 return self._report(p)
         try:
             check_token_counts(params, prepared)
         except InputError as err:
-            self.error, self.refused = str(err), True
-            return self._report(p)
+            return self._refuse(p, err)
         gen = self.generation = Generation(params, prepared)
         try:
             self._locate(p, gen)
         except CharacterAdapterError as err:
-            self.error, self.refused = str(err), isinstance(err, InputError)
-            return self._report(p)
+            return self._refuse(p, err)
         except Exception as err:  # noqa: BLE001 - the host would log it and sample without the adapter
             self._fail("locating the phrases", err)
             return self._report(p)
@@ -157,6 +153,12 @@ class Controller:
         gen.located = [gen.phrases.locations(p.sd_model, texts) for texts in image_texts(p, p.steps)]
         gen.needs_bank = any(FROM_PHRASE in kind for kinds in gen.located for kind in kinds)
         gen.located_infotext = located_infotext(gen.phrases, p.sd_model, p.steps, gen.located)
+
+    def _refuse(self, p, err: CharacterAdapterError, label: str = "") -> None:
+        """A known error at run start: remember it (an InputError is the caller's mistake: refused,
+        HTTP 422) and report it."""
+        self.error, self.refused = _labelled(str(err), label), isinstance(err, InputError)
+        self._report(p)
 
     def _report(self, p) -> None:
         if not self.error.startswith("Character-Adapter"):  # loader errors name the file, not us
