@@ -280,11 +280,15 @@ def make_sample(seed: int) -> Sample:
     return Sample(image, masks, character, layout, caption(character, layout, rng))
 
 
+def to_x0(images: Sequence[np.ndarray]) -> np.ndarray:
+    """(H, W, 3) uint8 pictures as the model's x0: (B, 3, H, W) float32 in [-1, 1]."""
+    return np.stack(images).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+
+
 def batch(seeds: Sequence[int]) -> Tuple[np.ndarray, List[str], List[Sample]]:
     """Images (B, 3, SIZE, SIZE) float32 in [-1, 1], captions and the samples."""
     samples = [make_sample(int(s)) for s in seeds]
-    images = np.stack([s.image for s in samples]).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    return images, [s.caption for s in samples], samples
+    return to_x0([s.image for s in samples]), [s.caption for s in samples], samples
 
 
 HELD_OUT_BASE = 10_000_000  # evaluation seeds start here; training seeds stay below

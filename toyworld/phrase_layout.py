@@ -165,7 +165,7 @@ def run(refs: int = 48, timesteps: Sequence[int] = TIMESTEPS, conditions: Sequen
     hard = {c: {t: [] for t in timesteps} for c in conditions}
     soft = {c: {t: [] for t in timesteps} for c in conditions}
     for index, sample in enumerate(samples):
-        x0 = torch.from_numpy(sample.image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        x0 = torch.from_numpy(data.to_x0([sample.image]))  # (1, 3, H, W)
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(NOISE_SEED + index))
         inputs = {c: condition_inputs(world, sample, c) for c in conditions}
         for t in timesteps:

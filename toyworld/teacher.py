@@ -207,8 +207,7 @@ class Batch:
 
 def make_batch(scenes: Sequence[Scene], seeds: Sequence[int], timesteps: Sequence[int]) -> Batch:
     rows = [(i, j, k) for i in range(len(scenes)) for j in range(len(seeds)) for k in range(len(timesteps))]
-    x0 = torch.from_numpy(np.stack([scenes[i].image for i, _, _ in rows]).astype(np.float32)
-                          .transpose(0, 3, 1, 2) / 127.5 - 1.0)  # (B, 3, H, W)
+    x0 = torch.from_numpy(data.to_x0([scenes[i].image for i, _, _ in rows]))  # (B, 3, H, W)
     noise = torch.cat([torch.randn((1,) + tuple(x0.shape[1:]), generator=torch.Generator().manual_seed(int(seeds[j])))
                        for _, j, _ in rows])  # (B, 3, H, W): one noise per seed, shared over timesteps
     phrases = {s.phrases for s in scenes}

@@ -275,7 +275,7 @@ class GainProbe:
                 references.append(data.to_pil(sample.image))
                 prompts.append(data.prompt(list(data.REGIONS), layout.background, layout.size, layout.position))
                 colour_prompts.append(data.prompt(colours, layout.background, layout.size, layout.position))
-        x0 = torch.from_numpy(np.stack(targets).astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0)  # (B, 3, H, W)
+        x0 = torch.from_numpy(data.to_x0(targets))  # (B, 3, H, W)
         self.t = torch.tensor(list(PROBE_T) * refs)
         gen = torch.Generator().manual_seed(78)
         self.noise = torch.randn(x0.shape, generator=gen)
@@ -308,8 +308,7 @@ T_LOW, T_HIGH = 50, 950  # stage 3's timesteps
 def error_curve(model, layers, points: int = 10, size: int = 48) -> Tuple[np.ndarray, np.ndarray]:
     """(t, the base model's epsilon-MSE at t) on `size` stage-3 examples, at `points` timesteps."""
     examples = [adapter_example(60_000_000 + i) for i in range(size)]
-    x0 = torch.from_numpy(np.stack([e.image for e in examples]).astype(np.float32).transpose(0, 3, 1, 2)
-                          / 127.5 - 1.0)  # (B, 3, H, W)
+    x0 = torch.from_numpy(data.to_x0([e.image for e in examples]))  # (B, 3, H, W)
     cond = model.get_learned_conditioning([e.caption for e in examples])
     gen = torch.Generator().manual_seed(SEED + 3)
     ts = np.linspace(T_LOW, T_HIGH - 1, points).round().astype(int)
@@ -361,8 +360,7 @@ def train_adapter(model, clip, steps: int, batch_size: int, out: str, lr: float 
         for group in opt.param_groups:
             group["lr"] = lr_at(step, lr, 20, steps)
         examples = [adapter_example(offset + step * batch_size + i) for i in range(batch_size)]
-        x0 = torch.from_numpy(np.stack([e.image for e in examples]).astype(np.float32).transpose(0, 3, 1, 2)
-                              / 127.5 - 1.0)  # (B, 3, H, W)
+        x0 = torch.from_numpy(data.to_x0([e.image for e in examples]))  # (B, 3, H, W)
         drop_text = rng.random(batch_size) < 0.1
         captions = ["" if d else e.caption for d, e in zip(drop_text, examples)]
         teachers = ["" if d else e.teacher_caption for d, e in zip(drop_text, examples)]

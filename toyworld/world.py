@@ -11,6 +11,7 @@ from charadapter.phrases import PhraseBank
 from charadapter.reference import SEGMENTATION_SEED, noise_latent, segment_reference, segmentation_prompt
 from charadapter.tokens import phrase_positions
 
+from . import data
 from .model import WEIGHTS, load_image_side, load_sd
 
 # The toy's text maps that localise: its 16x16 layers (level 1). Its 8x8 layers, which the
@@ -58,7 +59,7 @@ class TextWorld:
         """What the runtime's _segment does, at the toy model's native 32 px."""
         text = segmentation_prompt(phrases)
         groups = self.groups(text, phrases)
-        x = torch.from_numpy(image.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]  # (1, 3, H, W)
+        x = torch.from_numpy(data.to_x0([image]))  # (1, 3, H, W)
         with torch.no_grad():
             latent = self.model.get_first_stage_encoding(self.model.encode_first_stage(x))
             cond = self.cond([text])
