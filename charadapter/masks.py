@@ -152,9 +152,7 @@ def character_layout(
 def character_prior(regions: Sequence[int], batch: int, positions: int,
                     device: Optional[torch.device] = None) -> torch.Tensor:
     """Even split before any map (B, P+1, N): each character 1/K, shared evenly among its pairs;
-    background 0. One character: `uniform_masks`."""
-    if len(regions) == 1:
-        return uniform_masks(batch, max(int(regions[0]), 1), positions, device=device)
+    background 0. One character: the same as `uniform_masks`."""
     prior = torch.tensor(_prior_values(regions), dtype=torch.float32, device=device)  # (P+1,)
     return prior.view(1, -1, 1).expand(batch, -1, positions).contiguous()  # (B, P+1, N)
 
