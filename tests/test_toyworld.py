@@ -291,6 +291,9 @@ def test_a_smaller_reference_pass_loses_what_its_grid_explains():
     assert grid_drop < -0.1 and drop <= grid_drop + 0.02, drops
 
 
+PHRASE_QUICK = dict(refs=6, timesteps=(100,), conditions=("prompt", "phrase", "none"), threads=1)
+
+
 @weights_needed
 def test_a_prompt_naming_no_region_locates_the_regions_from_their_phrases():
     """Issue 14 on the committed weights (README "Toy world"): with a prompt that names no region,
@@ -300,7 +303,7 @@ def test_a_prompt_naming_no_region_locates_the_regions_from_their_phrases():
     phrase 0.697, none 0.017."""
     from toyworld.phrase_layout import run
 
-    result = run(refs=6, timesteps=(100,), conditions=("prompt", "phrase", "none"), threads=1)["hard"]
+    result = run(**PHRASE_QUICK)["hard"]
     prompt, phrase, none = (result[c]["100"]["mean"] for c in ("prompt", "phrase", "none"))
     assert prompt > 0.45 and phrase > prompt - 0.05 and none < 0.05
 
@@ -357,6 +360,7 @@ def test_teacher_forced_fidelity_layout_and_bleed_stay_where_measured(teacher_ru
 # under per-character soft fusion (the runtime's layout) over noise seeds 0..4: 0.075 / 0.076 / 0.084 /
 # 0.070 / 0.046 (sd 0.014), pinned at seed 0 with 3 sd; under the true masks 0.14 / 0.03 / 0.17 / 0.09 /
 # 0.04, above 0 at every seed (one pair alone gave both signs).
+TWO_QUICK = dict(pairs=2, targets=1, seeds=1, resamples=20)
 MEASURED_TWO_B_OWN_SOFT = (0.0747, 0.043)
 
 
@@ -371,7 +375,7 @@ def test_two_characters_runs_on_two_pairs_with_finite_numbers():
     from toyworld.two_characters import SETTINGS, evaluate, table
     from toyworld.world import World
 
-    result = evaluate(World(), pairs=2, targets=1, seeds=1, resamples=20, log=lambda *a: None)
+    result = evaluate(World(), log=lambda *a: None, **TWO_QUICK)
     assert set(result["settings"]) == {s.name for s in SETTINGS if s.adapter != "none"}
     for name, cells in result["settings"].items():
         assert set(cells) == {"gain_a", "gain_b", "bleed", "b_own"}

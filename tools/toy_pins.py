@@ -15,9 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from test_toyworld import QUICK, TEACHER_QUICK  # noqa: E402  (the tests' own settings)
+from test_toyworld import PHRASE_QUICK, QUICK, TEACHER_QUICK, TWO_QUICK, colour_err  # noqa: E402  (the tests' own)
 
-from toyworld import data  # noqa: E402
 from toyworld.world import World  # noqa: E402
 
 SEEDS = range(5)
@@ -38,7 +37,7 @@ def quick() -> None:
         "iou": {t: seg["iou"][t]["mean"] for t in ("50", "150")}, "prior": seg["prior"]["mean"],
         "levels": {k: v["mean"] for k, v in seg["iou_by_levels"].items()}, "swap": seg["swap"],
         "noun_only": seg["noun_only"]["mean"], "change": {k: v["change"] for k, v in gen.items()},
-        "colour_err": {k: float(np.mean([v[f"{r}_err"] for r in data.REGIONS])) for k, v in gen.items()},
+        "colour_err": {k: float(colour_err(v)) for k, v in gen.items()},
     }), flush=True)
 
 
@@ -58,8 +57,7 @@ def teacher() -> None:
 def two() -> None:
     from toyworld.two_characters import evaluate
 
-    runs = [evaluate(World(), pairs=2, targets=1, seeds=1, resamples=20, noise_seed=seed, log=lambda *a: None)
-            for seed in SEEDS]
+    runs = [evaluate(World(), noise_seed=seed, log=lambda *a: None, **TWO_QUICK) for seed in SEEDS]
     for name in ("per-character CA soft", "per-character CA soft, true masks"):
         spread(f"B own, {name}", [r["settings"][name]["b_own"]["value"] for r in runs])
 
@@ -67,8 +65,8 @@ def two() -> None:
 def phrase() -> None:
     from toyworld.phrase_layout import run
 
-    result = run(refs=6, timesteps=(100,), conditions=("prompt", "phrase", "none"), threads=1)["hard"]
-    print("phrase layout, 6 references, t 100:", {c: result[c]["100"]["mean"] for c in ("prompt", "phrase", "none")})
+    result = run(**PHRASE_QUICK)["hard"]
+    print("phrase layout:", {c: result[c]["100"]["mean"] for c in PHRASE_QUICK["conditions"]})
 
 
 def main(argv) -> None:
