@@ -164,6 +164,26 @@ def test_teacher_forced_statistics_on_known_numbers():
     assert lo[0] == hi[0] == 6
 
 
+def test_teacher_forced_figure_interval_resamples_the_mean():
+    """The figure's interval is the bootstrap of the regions' mean gain, not the mean of their
+    bounds: regions whose gains move against each other over references leave the figure steady."""
+    from toyworld.teacher import BASELINE, PLAIN, setting_table, summarise
+
+    refs, rows = 8, 4
+    base = np.ones((refs, rows, 4))
+    spread = np.linspace(-0.2, 0.2, refs)[:, None]  # face better where jacket is worse, by as much
+    plain = np.ones((refs, rows, 4)) * 0.8
+    plain[..., 0] -= spread
+    plain[..., 1] += spread
+    out = summarise(setting_table([BASELINE, PLAIN]), {BASELINE: list(base), PLAIN: list(plain)}, {}, {},
+                    np.tile(np.arange(rows), (refs, 1)), np.zeros(rows, dtype=int), 200, [[0.5, 0.5, 0.5]],
+                    config={}, seconds=0.0)["fidelity"][PLAIN]
+    assert out["figure"] == pytest.approx(0.2)
+    assert out["figure_lo"] == pytest.approx(0.2) and out["figure_hi"] == pytest.approx(0.2)
+    assert out["lo"][0] < 0.15 and out["hi"][0] > 0.25  # each region alone does vary
+    assert len(out["gain"]) == len(out["lo"]) == 4
+
+
 # ---------------------------------------------------------------------------- trained files
 
 weights_needed = pytest.mark.skipif(

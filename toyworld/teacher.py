@@ -422,8 +422,9 @@ def summarise(chosen: Sequence[Setting], errors, layout_ious, changed, units: np
     steps = np.tile(step, (refs, 1))  # (refs, B)
 
     def stat_gain(name):
-        def f(picks):
-            return gain(gather(err[name], picks), gather(base, picks), gather(steps, picks))
+        def f(picks):  # per-region gains, then the figure's (the mean of its regions'), resampled together
+            g = gain(gather(err[name], picks), gather(base, picks), gather(steps, picks))
+            return np.append(g, g[:3].mean())
         return f
 
     out: Dict = {"config": config, "regions": list(REGION_NAMES), "fidelity": {}, "error": {},
@@ -435,9 +436,9 @@ def summarise(chosen: Sequence[Setting], errors, layout_ious, changed, units: np
             continue
         point = stat_gain(s.name)(everything)
         lo, hi = interval(stat_gain(s.name), refs, units, resamples)
-        out["fidelity"][s.name] = {"gain": rounded(point), "lo": rounded(lo), "hi": rounded(hi),
-                                   "figure": round(float(np.mean(point[:3])), 4),
-                                   "figure_lo": round(float(lo[:3].mean()), 4), "figure_hi": round(float(hi[:3].mean()), 4)}
+        out["fidelity"][s.name] = {"gain": rounded(point[:-1]), "lo": rounded(lo[:-1]), "hi": rounded(hi[:-1]),
+                                   "figure": round(float(point[-1]), 4),
+                                   "figure_lo": round(float(lo[-1]), 4), "figure_hi": round(float(hi[-1]), 4)}
     # per-timestep gains of the figure, to see where the adapter helps
     out["figure_gain_by_t"] = {
         s.name: [round(float(np.mean(1 - np.nanmean(err[s.name][steps == k], axis=0)[:3]
@@ -454,10 +455,9 @@ def summarise(chosen: Sequence[Setting], errors, layout_ious, changed, units: np
             return stat_gain(a)(picks) - stat_gain(b)(picks)
         point = diff(everything)
         lo, hi = interval(diff, refs, units, resamples)
-        out["paired"][f"{a} - {b}"] = {"diff": rounded(point), "lo": rounded(lo), "hi": rounded(hi),
-                                       "figure": round(float(point[:3].mean()), 4),
-                                       "figure_lo": round(float(lo[:3].mean()), 4),
-                                       "figure_hi": round(float(hi[:3].mean()), 4)}
+        out["paired"][f"{a} - {b}"] = {"diff": rounded(point[:-1]), "lo": rounded(lo[:-1]), "hi": rounded(hi[:-1]),
+                                       "figure": round(float(point[-1]), 4),
+                                       "figure_lo": round(float(lo[-1]), 4), "figure_hi": round(float(hi[-1]), 4)}
     out["layout_iou"] = {k: rounded(np.mean(np.stack(v), axis=(0, 1)), 3) for k, v in layout_ious.items() if v}
     out["layout_iou_by_t"] = {k: [rounded(np.stack(v)[steps == i].mean(axis=0), 3) for i in np.unique(step)]
                               for k, v in layout_ious.items() if v}
