@@ -184,6 +184,32 @@ def test_teacher_forced_figure_interval_resamples_the_mean():
     assert len(out["gain"]) == len(out["lo"]) == 4
 
 
+def test_teacher_forced_bleed_is_paired_against_the_plain_adapter():
+    """H3's comparison: each region setting's mean bleed minus the plain adapter's, resampled
+    together, so the shared spread of the references cancels."""
+    from toyworld.teacher import BASELINE, PLAIN, setting_table, summarise
+
+    refs, rows = 8, 4
+    base = np.ones((refs, rows, 4))
+    level = np.linspace(0.6, 1.0, refs)[:, None, None]  # references differ a lot; the settings' difference does not
+    err = {BASELINE: list(base), PLAIN: list(base * 0.8), "CA hard": list(base * 0.8)}
+    changed = {}
+    for name, bleed in ((PLAIN, 0.1), ("CA hard", 0.0)):
+        wrong = base * 0.8
+        wrong[..., [0, 2]] += bleed * level  # the other figure regions
+        wrong[..., 1:2] += 0.3 * level  # the jacket itself
+        changed[(name, "jacket")] = list(wrong)
+    out = summarise(setting_table([BASELINE, PLAIN, "CA hard"]), err, {}, changed,
+                    np.tile(np.arange(rows), (refs, 1)), np.zeros(rows, dtype=int), 200, [[0.5, 0.5, 0.5]],
+                    config={}, seconds=0.0)
+    plain = out["bleed"][PLAIN]["mean"]
+    assert plain["bleed"] == pytest.approx(0.1 * level.mean(), abs=1e-4) and plain["bleed_hi"] - plain["bleed_lo"] > 0.01
+    paired = out["bleed_paired"][f"CA hard - {PLAIN}"]
+    assert paired["bleed"] == pytest.approx(-0.1 * level.mean(), abs=1e-4)
+    assert paired["bleed_hi"] < 0 and paired["own"] == pytest.approx(0.0, abs=1e-4)
+    assert list(out["bleed_paired"]) == [f"CA hard - {PLAIN}"]
+
+
 # ---------------------------------------------------------------------------- trained files
 
 weights_needed = pytest.mark.skipif(

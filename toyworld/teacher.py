@@ -450,6 +450,7 @@ def summarise(chosen: Sequence[Setting], errors, layout_ious, changed, units: np
     pairs = [(a, b) for a in names for b in (PLAIN, "CA hard") if a.startswith("CA soft") and b in names and a != b]
     pairs += [(a, b) for a, b in ((SOFT, "CA soft, prior frozen"), ("CA soft, true masks", SOFT))  # H4
               if a in names and b in names]
+    pairs += [(s.name, SOFT) for s in chosen if s in DIAGNOSTICS and s.name.startswith("CA soft") and SOFT in names]
     for a, b in pairs:
         def diff(picks, a=a, b=b):
             return stat_gain(a)(picks) - stat_gain(b)(picks)
@@ -479,23 +480,37 @@ def summarise(chosen: Sequence[Setting], errors, layout_ious, changed, units: np
             "bleed": round(float(point[0]), 4), "bleed_lo": round(float(lo[0]), 4), "bleed_hi": round(float(hi[0]), 4),
             "own": round(float(point[1]), 4), "own_lo": round(float(lo[1]), 4), "own_hi": round(float(hi[1]), 4),
             "background": round(float(point[2]), 4)}
-    for name, per in out["bleed"].items():
-        # the mean over the changed regions, with its own interval
-        rows = {region: np.stack(changed[(name, region)]) for region in per}
+    def stat_all(name):
+        """(mean bleed, mean own) over the changed regions, on a resample."""
+        rows = {region: np.stack(changed[(name, region)]) for region in FIGURE_REGIONS if region in out["bleed"][name]}
 
-        def stat_all(picks, name=name, rows=rows):
+        def f(picks):
             vals = []
             for region, wrong in rows.items():
                 r = FIGURE_REGIONS.index(region)
                 v = rise(gather(wrong, picks), gather(err[name], picks), gather(base, picks), gather(steps, picks))
                 vals.append([np.mean([v[o] for o in range(3) if o != r]), v[r]])
             return np.mean(vals, axis=0)
+        return f
 
-        point = stat_all(everything)
-        lo, hi = interval(stat_all, refs, units, resamples)
-        per["mean"] = {"bleed": round(float(point[0]), 4), "bleed_lo": round(float(lo[0]), 4),
-                       "bleed_hi": round(float(hi[0]), 4), "own": round(float(point[1]), 4),
-                       "own_lo": round(float(lo[1]), 4), "own_hi": round(float(hi[1]), 4)}
+    def bleed_cell(point, lo, hi):
+        return {"bleed": round(float(point[0]), 4), "bleed_lo": round(float(lo[0]), 4),
+                "bleed_hi": round(float(hi[0]), 4), "own": round(float(point[1]), 4),
+                "own_lo": round(float(lo[1]), 4), "own_hi": round(float(hi[1]), 4)}
+
+    for name, per in out["bleed"].items():  # the mean over the changed regions, with its own interval
+        per["mean"] = bleed_cell(stat_all(name)(everything), *interval(stat_all(name), refs, units, resamples))
+    # H3 paired: each region setting's mean bleed against the plain adapter's, within each resample
+    out["bleed_paired"] = {}
+    for name in out["bleed"]:
+        if name == PLAIN or PLAIN not in out["bleed"]:
+            continue
+
+        def bleed_diff(picks, a=stat_all(name), b=stat_all(PLAIN)):
+            return a(picks) - b(picks)
+
+        out["bleed_paired"][f"{name} - {PLAIN}"] = bleed_cell(bleed_diff(everything),
+                                                              *interval(bleed_diff, refs, units, resamples))
     out["seconds"] = round(seconds, 1)
     return out
 
@@ -545,6 +560,12 @@ def table(result: Dict) -> str:
             cells += [f"{pct(m['bleed'])} ({pct(m['bleed_lo'])}, {pct(m['bleed_hi'])})",
                       f"{pct(m['own'])} ({pct(m['own_lo'])}, {pct(m['own_hi'])})"]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if result.get("bleed_paired"):
+        lines += ["", "Bleed, paired against the plain adapter, percentage points (95 % interval)",
+                  "| comparison | mean bleed | mean own |", "|---|---|---|"]
+        for name, m in result["bleed_paired"].items():
+            lines.append(f"| {name} | {pct(m['bleed'])} ({pct(m['bleed_lo'])}, {pct(m['bleed_hi'])}) | "
+                         f"{pct(m['own'])} ({pct(m['own_lo'])}, {pct(m['own_hi'])}) |")
     if result.get("layout_iou"):
         lines += ["", "Layout the measured call fused with: IoU of its argmax with the true regions",
                   "| setting | " + " | ".join(regions) + " |", "|---|" + "---|" * len(regions)]
@@ -567,6 +588,7 @@ def compact(result: Dict) -> Dict:
                      for k, v in result["fidelity"].items()},
         "paired": result.get("paired", {}),
         "bleed": result.get("bleed", {}),
+        "bleed_paired": result.get("bleed_paired", {}),
         "layout_iou": result.get("layout_iou", {}),
         "seconds": result["seconds"],
     }
