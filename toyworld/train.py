@@ -14,8 +14,9 @@ omit a region's colour 80 % of the time; 10 % image dropout to the negative toke
 dropout. Besides the epsilon-MSE, a distillation term pulls the prediction towards the base
 model's own under a teacher caption that names the colours the reference shows; timesteps 50..950,
 each weighted by 1 / the base error at t (the small t, where the pixels already show the colours,
-would rule the loss). The image term goes through the extension's own hooks (charadapter.hooks), so training
-and inference add it with the same code. Every 50 steps it logs the teacher-forced gain of the
+would rule the loss); within the figure, face, jacket and trousers weigh the same
+(region_balance). The image term goes through the extension's own hooks (charadapter.hooks), so
+training and inference add it with the same code. Every 50 steps it logs the teacher-forced gain of the
 plain adapter on held-out characters (toyworld.teacher's measurement, reduced): the loss barely
 moves when the adapter starts to help.
 
@@ -149,6 +150,7 @@ class AdapterExample:
     caption the adapter trains under and the teacher's caption (it also names what the reference shows)."""
 
     image: np.ndarray  # (H, W, 3) uint8, the target
+    masks: np.ndarray  # (3, H, W) bool, the target's regions
     reference: Image.Image
     caption: str
     teacher_caption: str
@@ -180,7 +182,7 @@ def adapter_example(seed: int) -> AdapterExample:
     reference, region = reference_view(target.character, target.layout, rng)
     shown = range(len(data.REGIONS)) if region is None else (region,)
     caption, teacher = paired_captions(target.character, target.layout, shown, rng)
-    return AdapterExample(target.image, reference, caption, teacher)
+    return AdapterExample(target.image, target.masks, reference, caption, teacher)
 
 
 # what a reference shows of its character: skin, jacket colour, trousers colour, striped or not
@@ -189,7 +191,7 @@ ATTRIBUTES = (("skin", tuple(data.SKIN_TONES)), ("jacket", tuple(data.GARMENT_CO
 VISIBLE = {None: (0, 1, 2, 3), 0: (0,), 1: (1, 3), 2: (2,)}  # attributes a whole picture / a region's strip shows
 
 
-def pretrain_clip(clip, steps: int, batch_size: int, lr: float = 2e-3, pool: int = 1536):
+def pretrain_clip(clip, steps: int, batch_size: int, lr: float = 2e-3, pool: int = 4096):
     """Stage 2: the toy image encoder learns to see who a character is, as a real CLIP has before an
     IP-Adapter is trained on it: a linear read-out of its image embeds names the character's colours
     and stripes from another rendering, whole or a strip (only what the strip shows). No UNet.
@@ -259,7 +261,8 @@ PROBE_T = (300, 500, 700)
 class GainProbe:
     """Teacher-forced gain of the plain adapter while it trains: held-out characters drawn at another
     layout than their reference, noised at PROBE_T, prompts that name no colour; 1 - the adapter's
-    epsilon-MSE / the base's, on the figure's pixels and on the background."""
+    epsilon-MSE / the base's on each region; figure = the mean of face, jacket and trousers (as in
+    toyworld.teacher), and the background."""
 
     def __init__(self, model, layers, refs: int = 16):
         self.model, self.layers = model, layers
@@ -281,24 +284,31 @@ class GainProbe:
         self.noise = torch.randn(x0.shape, generator=gen)
         self.x = model.q_sample(x0, self.t, self.noise)
         self.references = references
-        self.figure = torch.from_numpy(np.stack(masks).any(axis=1))  # (B, H, W)
+        regions = np.stack(masks)  # (B, 3, H, W)
+        self.regions = [torch.from_numpy(r) for r in regions.transpose(1, 0, 2, 3)]
+        self.regions.append(torch.from_numpy(~regions.any(axis=1)))  # the background last
         with torch.no_grad():
             self.cond = model.get_learned_conditioning(prompts)
             self.base = self._errors(adapter_eps(model, layers, None, self.x, self.t.float(), self.cond))
             named = self._errors(adapter_eps(model, layers, None, self.x, self.t.float(),
                                              model.get_learned_conditioning(colour_prompts)))
-        self.text = f"the colours in the prompt instead: figure {1 - named[0] / self.base[0]:+.3f}"
+        self.text = f"the colours in the prompt instead: figure {self._gains(named)[0]:+.3f}"
 
-    def _errors(self, eps: torch.Tensor) -> Tuple[float, float]:
+    def _errors(self, eps: torch.Tensor) -> np.ndarray:
         se = ((eps - self.noise) ** 2).mean(dim=1)  # (B, H, W)
-        return float(se[self.figure].mean()), float(se[~self.figure].mean())
+        return np.array([float(se[m].mean()) for m in self.regions])
+
+    def _gains(self, errors: np.ndarray) -> Tuple[float, float]:
+        """(figure, background) gains against the base."""
+        g = 1 - errors / self.base
+        return float(g[:-1].mean()), float(g[-1])
 
     @torch.no_grad()
     def __call__(self, clip, adapter: ToyAdapter) -> str:
         state = adapter_state(clip, adapter, self.references, torch.ones(len(self.references), 1))
-        figure, background = self._errors(adapter_eps(self.model, self.layers, state, self.x, self.t.float(), self.cond))
-        return (f"teacher-forced gain figure {1 - figure / self.base[0]:+.3f}, "
-                f"background {1 - background / self.base[1]:+.3f} ({self.text})")
+        figure, background = self._gains(self._errors(
+            adapter_eps(self.model, self.layers, state, self.x, self.t.float(), self.cond)))
+        return f"teacher-forced gain figure {figure:+.3f}, background {background:+.3f} ({self.text})"
 
 
 T_LOW, T_HIGH = 50, 950  # stage 3's timesteps
@@ -322,6 +332,17 @@ def error_curve(model, layers, points: int = 10, size: int = 48) -> Tuple[np.nda
 
 
 DISTILL = 1.0  # weight of the teacher term
+
+
+def region_balance(masks: np.ndarray) -> torch.Tensor:
+    """(B, H, W) pixel weights from (B, 3, H, W) region masks: the figure keeps its area's share of
+    the loss, split equally between face, jacket and trousers; the background keeps its own. By
+    area the jacket rules the figure and the face, the smallest part, barely counts."""
+    m = torch.from_numpy(masks).float()  # (B, 3, H, W)
+    area = m.sum(dim=(2, 3), keepdim=True)  # (B, 3, 1, 1)
+    figure = area.sum(dim=1, keepdim=True)
+    per_region = m * figure / (len(data.REGIONS) * area.clamp(min=1))
+    return per_region.sum(dim=1) + (1 - m.amax(dim=1))
 
 
 def train_adapter(model, clip, steps: int, batch_size: int, out: str, lr: float = 1e-3, save_every: int = 100,
@@ -375,7 +396,8 @@ def train_adapter(model, clip, steps: int, batch_size: int, out: str, lr: float 
         eps = adapter_eps(model, layers, state, x, t, cond)
         scale = torch.from_numpy(1.0 / np.interp(t.numpy(), curve_t, curve)).float()  # (B,)
         scale = scale * keep[:, 0] / float(np.mean(1.0 / curve))  # no reference: nothing to teach
-        terms = ((eps - noise) ** 2).mean(dim=(1, 2, 3)) + DISTILL * ((eps - taught) ** 2).mean(dim=(1, 2, 3))
+        pixels = ((eps - noise) ** 2).mean(dim=1) + DISTILL * ((eps - taught) ** 2).mean(dim=1)  # (B, H, W)
+        terms = (pixels * region_balance(np.stack([e.masks for e in examples]))).mean(dim=(1, 2))
         loss = (terms * scale).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -395,9 +417,9 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base-steps", type=int, default=6000)
     parser.add_argument("--batch", type=int, default=24, help="batch of the base model's stage")
-    parser.add_argument("--clip-steps", type=int, default=400)
-    parser.add_argument("--clip-batch", type=int, default=32)
-    parser.add_argument("--adapter-steps", type=int, default=1200)
+    parser.add_argument("--clip-steps", type=int, default=1600)
+    parser.add_argument("--clip-batch", type=int, default=64)
+    parser.add_argument("--adapter-steps", type=int, default=2000)
     parser.add_argument("--adapter-batch", type=int, default=16)
     parser.add_argument("--adapter-lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2)
