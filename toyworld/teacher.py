@@ -462,6 +462,11 @@ def summarise(chosen: Sequence[Setting], errors, layout_ious, changed, units: np
     out["layout_iou"] = {k: rounded(np.mean(np.stack(v), axis=(0, 1)), 3) for k, v in layout_ious.items() if v}
     out["layout_iou_by_t"] = {k: [rounded(np.stack(v)[steps == i].mean(axis=0), 3) for i in np.unique(step)]
                               for k, v in layout_ious.items() if v}
+    def bleed_cell(point, lo, hi):
+        return {"bleed": round(float(point[0]), 4), "bleed_lo": round(float(lo[0]), 4),
+                "bleed_hi": round(float(hi[0]), 4), "own": round(float(point[1]), 4),
+                "own_lo": round(float(lo[1]), 4), "own_hi": round(float(hi[1]), 4)}
+
     out["bleed"] = {}
     for (name, region), rows in changed.items():
         if not rows:
@@ -476,13 +481,12 @@ def summarise(chosen: Sequence[Setting], errors, layout_ious, changed, units: np
 
         point = stat(everything)
         lo, hi = interval(stat, refs, units, resamples)
-        out["bleed"].setdefault(name, {})[region] = {
-            "bleed": round(float(point[0]), 4), "bleed_lo": round(float(lo[0]), 4), "bleed_hi": round(float(hi[0]), 4),
-            "own": round(float(point[1]), 4), "own_lo": round(float(lo[1]), 4), "own_hi": round(float(hi[1]), 4),
-            "background": round(float(point[2]), 4)}
+        cell = {**bleed_cell(point, lo, hi), "background": round(float(point[2]), 4)}
+        out["bleed"].setdefault(name, {})[region] = cell
+
     def stat_all(name):
         """(mean bleed, mean own) over the changed regions, on a resample."""
-        rows = {region: np.stack(changed[(name, region)]) for region in FIGURE_REGIONS if region in out["bleed"][name]}
+        rows = {r: np.stack(changed[(name, r)]) for r in FIGURE_REGIONS if r in out["bleed"][name]}
 
         def f(picks):
             vals = []
@@ -492,11 +496,6 @@ def summarise(chosen: Sequence[Setting], errors, layout_ious, changed, units: np
                 vals.append([np.mean([v[o] for o in range(3) if o != r]), v[r]])
             return np.mean(vals, axis=0)
         return f
-
-    def bleed_cell(point, lo, hi):
-        return {"bleed": round(float(point[0]), 4), "bleed_lo": round(float(lo[0]), 4),
-                "bleed_hi": round(float(hi[0]), 4), "own": round(float(point[1]), 4),
-                "own_lo": round(float(lo[1]), 4), "own_hi": round(float(hi[1]), 4)}
 
     for name, per in out["bleed"].items():  # the mean over the changed regions, with its own interval
         per["mean"] = bleed_cell(stat_all(name)(everything), *interval(stat_all(name), refs, units, resamples))
