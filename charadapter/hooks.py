@@ -241,20 +241,20 @@ class RegionState:
         self._queued = self._seen = 0
         self._coef.clear()
 
-    def add_map(self, hw: Size, heads: int, index: int, q: torch.Tensor, k: torch.Tensor,
+    def add_map(self, hw: Size, heads: int, q: torch.Tensor, k: torch.Tensor,
                 rows: slice = slice(None), bank_keys: Optional[torch.Tensor] = None) -> None:
-        """Queue the map rows `rows` of map layer `index`'s q (B, N, C) and k (B, T, C), with its
+        """Queue the map rows `rows` of a map layer's q (B, N, C) and k (B, T, C), with its
         projected bank rows (P*C,) or None; compute the queue when the call's last map layer ran,
         or when it grew past its cap."""
-        self._queue.append((hw, heads, q[rows], self.map_keys(index, k, rows, bank_keys), k.shape[1]))
+        self._queue.append((hw, heads, q[rows], self.map_keys(k, rows, bank_keys), k.shape[1]))
         self._queued += q.untyped_storage().nbytes() // q.element_size()  # all of q is held, not only its map rows
         self._seen += 1
         if self._seen >= self.map_total or self._queued > self._queue_cap:
             self.flush_maps()
 
-    def map_keys(self, index: int, k: torch.Tensor, rows: slice = slice(None),
+    def map_keys(self, k: torch.Tensor, rows: slice = slice(None),
                  bank_keys: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
-        """The text keys of map layer `index`'s map rows as pieces whose concatenation, flattened,
+        """The text keys of a map layer's map rows as pieces whose concatenation, flattened,
         is (B_map, T', C): the host's k (T' = T), or with bank rows (P*C,) each row's T prompt keys
         then the P phrase keys (T' = T + P). Views only, as many as without a bank: the queue's one
         copy lays them out, so the phrase's keys cost no operator of their own. The groups index
@@ -592,7 +592,7 @@ class _LayerHooks:
             k = slot.k
             if slot.k_calls != 1 or k is None or k.shape[0] != batch:
                 k = attn.to_k(slot.context if slot.context is not None else slot.x)
-            state.add_map(hw, layer.heads, layer.index, q, k, state.map_rows or slice(None),
+            state.add_map(hw, layer.heads, q, k, state.map_rows or slice(None),
                           state.bank_keys(layer, attn.to_k, k.device, k.dtype))
 
         if not state.add_term:

@@ -207,7 +207,7 @@ def test_float16_maps_of_the_sampling_loop_do_not_overflow_into_nan(attention):
     state = RegionState(kv=[kv], weights=torch.ones(1), map_layers=frozenset({0}), token_groups=((0,), (1,), (2,)),
                         add_term=False, map_total=1)
     state.start_call((2, 2), 1)
-    state.add_map((2, 2), 1, 0, q, k)  # the call's only map layer: computed now
+    state.add_map((2, 2), 1, q, k)  # the call's only map layer: computed now
     maps = state.grid_maps[(2, 2)]  # (B_map, h, w, R+1)
     assert maps.dtype == torch.float32 and finite(maps)
     torch.testing.assert_close(maps[0, 0, 0], torch.tensor([0.0, 0.0, 1.0, 0.0]))
