@@ -96,8 +96,8 @@ def mask_coefficients(masks: torch.Tensor, batch: int, regions: int, positions: 
         raise GeometryError(
             f"masks: expected (B={batch}, R={regions}, N={positions}), got {tuple(masks.shape)}"
         )
-    coef = masks.to(device=device, dtype=torch.float32).transpose(1, 2)  # (B|1, N, R)
-    return coef.expand(batch, positions, regions).to(dtype).contiguous()
+    coef = masks.to(device=device, dtype=dtype).transpose(1, 2)  # (B|1, N, R)
+    return coef.expand(batch, positions, regions).contiguous()
 
 
 def _check_kv(q_shape: Tuple[int, ...], keys: torch.Tensor, values: torch.Tensor, heads: int):
